@@ -1,0 +1,46 @@
+"""hf_netmerge: merge two networks of one architecture into one better network of that architecture.
+
+Implements *Merging of Neural Networks* (Pašen & Boža, 2024) as a timm / Hugging Face plugin.
+Importing the package registers its own architectures with timm.
+"""
+
+__version__ = "0.1.0"
+
+from . import models  # noqa: F401  (registers the netmerge_* architectures with timm)
+from .api import MergeResult, compress, concatenate, merge_models
+from .config import MergeConfig, StageConfig
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    NetMergeError,
+    NonFiniteLossError,
+    NonFiniteWeightsError,
+    OutputExistsError,
+    TeacherMismatchError,
+    UnsupportedModelError,
+)
+from .gates import GatedModel, HardConcreteGate, add_gates, remove_gates
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DatasetError",
+    "GatedModel",
+    "HardConcreteGate",
+    "MergeConfig",
+    "MergeResult",
+    "NetMergeError",
+    "NonFiniteLossError",
+    "NonFiniteWeightsError",
+    "OutputExistsError",
+    "StageConfig",
+    "TeacherMismatchError",
+    "UnsupportedModelError",
+    "__version__",
+    "add_gates",
+    "compress",
+    "concatenate",
+    "merge_models",
+    "remove_gates",
+]

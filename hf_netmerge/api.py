@@ -1,0 +1,259 @@
+"""The merge pipeline: concatenate → add gates → learn importance → compress → fine-tune."""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .adapters import architecture_name, resolve_spec
+from .card import render_card
+from .config import MergeConfig
+from .data import as_torch_dataset, check_dataset, make_loader
+from .errors import UnsupportedModelError
+from .gates import GatedModel, GateRegularizer, GroupStats, add_gates, remove_gates
+from .hub import TeacherInfo, load_teacher, save_student
+from .spec import MergeSpec
+from .surgery import select_model, widen_model
+from .training import MeanEnsemble, StageReport, evaluate, make_accelerator, predict, train_stage
+from .validation import check_output_dir, check_teachers
+
+
+def concatenate(teacher_a: nn.Module, teacher_b: nn.Module) -> nn.Module:
+    """The double-width big student; in eval mode it computes exactly ``(teacher_a(x) + teacher_b(x)) / 2``.
+
+    The first layer shares the input, middle layers are block-diagonal with zero cross terms,
+    BatchNorm running statistics are concatenated, and the head averages both teachers. The
+    teachers' spec is kept on the result as ``netmerge_spec`` for :func:`add_gates`.
+    """
+    check_teachers(teacher_a, teacher_b)
+    spec = resolve_spec(teacher_a)
+    big = widen_model(teacher_a, teacher_b, spec)
+    big.netmerge_spec = spec
+    return big
+
+
+def compress(gated: GatedModel) -> nn.Module:
+    """The student: the most important half of every channel group of ``gated``, gates removed.
+
+    The result has the teachers' architecture (same class, same state_dict keys and shapes);
+    ``gated`` is left unchanged.
+    """
+    if not isinstance(gated, GatedModel):
+        raise UnsupportedModelError("compress expects the GatedModel returned by hf_netmerge.add_gates")
+    student = remove_gates(select_model(gated.model, gated.spec, gated.keep_indices()))
+    del student.netmerge_spec
+    return student
+
+
+@dataclass
+class MergeResult:
+    """The merged student and everything measured on the way to it."""
+
+    student: nn.Module
+    gate_stats: list[GroupStats]
+    metrics: dict[str, dict[str, float]]
+    config: MergeConfig
+    spec: MergeSpec
+    teachers: tuple[TeacherInfo, TeacherInfo]
+    stages: list[StageReport]
+    final_lambda: float
+    function_gap: dict[str, float] = field(default_factory=dict)
+    dataset_names: list[str] = field(default_factory=list)
+    label_names: list[str] | None = None
+
+    @property
+    def architecture(self) -> str:
+        return self.spec.architecture
+
+    def record(self) -> dict[str, Any]:
+        """The content of ``netmerge_config.json``: exact config, teachers, gate stats, metrics, environment."""
+        import accelerate
+        import datasets
+        import huggingface_hub
+        import safetensors
+
+        from . import __version__
+
+        return {
+            "version": 1,
+            "architecture": self.architecture,
+            "merge_config": self.config.to_dict(),
+            "teachers": [t.to_dict() for t in self.teachers],
+            "spec": self.spec.to_dict(),
+            "gate_stats": [s.to_dict() for s in self.gate_stats],
+            "final_lambda": self.final_lambda,
+            "metrics": self.metrics,
+            "function_gap": self.function_gap,
+            "stages": [{k: v for k, v in r.to_dict().items() if k != "history"} for r in self.stages],
+            "environment": {
+                "hf_netmerge": __version__,
+                "torch": torch.__version__,
+                "timm": timm.__version__,
+                "accelerate": accelerate.__version__,
+                "datasets": datasets.__version__,
+                "huggingface_hub": huggingface_hub.__version__,
+                "safetensors": safetensors.__version__,
+                "python": platform.python_version(),
+                "threads": torch.get_num_threads(),
+            },
+        }
+
+    def model_card(self) -> str:
+        """The README.md model card."""
+        return render_card(self)
+
+    def save_pretrained(self, directory: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """Save in timm's layout (``config.json`` + ``model.safetensors``) with ``netmerge_config.json`` and a model card.
+
+        ``timm.create_model("local-dir:<directory>", pretrained=True)`` loads the student back.
+        """
+        return save_student(
+            self.student,
+            directory,
+            merge_record=self.record(),
+            card=self.model_card(),
+            label_names=self.label_names,
+            overwrite=overwrite,
+        )
+
+
+def _data_transform(model: nn.Module) -> Any:
+    from timm.data import create_transform, resolve_data_config
+
+    return create_transform(**resolve_data_config(model=model), is_training=False)
+
+
+def _prepare_data(
+    data: Any, model: nn.Module, config: MergeConfig, num_classes: int, min_size: int, label: str
+) -> Dataset:
+    mode = "L" if getattr(model, "in_chans", 3) == 1 else "RGB"
+    dataset = as_torch_dataset(data, config.image_column, config.label_column, _data_transform(model), mode)
+    check_dataset(dataset, config.task, num_classes, min_size=min_size, label=label)
+    return dataset
+
+
+def _dataset_name(data: Any) -> list[str]:
+    name = getattr(getattr(data, "info", None), "dataset_name", None)
+    return [name] if name else []
+
+
+def _label_names(data: Any, label_column: str) -> list[str] | None:
+    feature = getattr(data, "features", {}).get(label_column) if hasattr(data, "features") else None
+    return list(feature.names) if getattr(feature, "names", None) else None
+
+
+@torch.no_grad()
+def _function_gap(gated: GatedModel, student: nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+    diff = predict(gated, loader, accelerator) - predict(student, loader, accelerator)
+    return {"max_abs": float(diff.abs().max()), "mean_abs": float(diff.abs().mean())}
+
+
+def merge_models(
+    teacher_a: nn.Module | str | os.PathLike[str],
+    teacher_b: nn.Module | str | os.PathLike[str],
+    train_data: Any,
+    eval_data: Any | None = None,
+    config: MergeConfig | None = None,
+    *,
+    accelerator: Accelerator | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge two teachers of one architecture into a student of that architecture.
+
+    Teachers are ``nn.Module`` s, local timm directories or Hub ids (``id@revision``); data is a
+    ``datasets.Dataset`` (image/label columns), a torch Dataset or a DataLoader. Every input is
+    checked before any training; with ``output_dir`` the student is saved there at the end.
+    """
+    config = config or MergeConfig()
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
+    a, info_a = load_teacher(teacher_a)
+    b, info_b = load_teacher(teacher_b)
+    check_teachers(a, b)
+    spec = resolve_spec(a)
+    if not timm.is_model(spec.architecture):
+        raise UnsupportedModelError(
+            f"{spec.architecture!r} is not a timm architecture; create teachers with timm.create_model so the student can be saved"
+        )
+    num_classes = int(getattr(a, "num_classes", 0))
+    train_set = _prepare_data(train_data, a, config, num_classes, config.batch_size, "train_data")
+    eval_set = _prepare_data(eval_data, a, config, num_classes, 1, "eval_data") if eval_data is not None else None
+
+    accelerator = accelerator or make_accelerator(config.mixed_precision)
+    set_seed(config.seed)
+    train_loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers)
+    eval_loader = make_loader(eval_set, config.batch_size, shuffle=False) if eval_set is not None else None
+
+    def measure(model: nn.Module) -> dict[str, float]:
+        return evaluate(model, eval_loader, task=config.task, accelerator=accelerator) if eval_loader else {}
+
+    metrics = {"teacher_a": measure(a), "teacher_b": measure(b), "ensemble": measure(MeanEnsemble(a, b))}
+    big = concatenate(a, b)
+    metrics["big_student"] = measure(big)
+    gated = add_gates(big, config.gate_init_mean, config.gate_init_std)
+    regularizer = GateRegularizer(gated, config.lambda_init, config.lambda_growth)
+    stages = [
+        train_stage(
+            gated,
+            train_loader,
+            config.gate_stage(),
+            task=config.task,
+            accelerator=accelerator,
+            name="gates",
+            regularizer=regularizer,
+            gate_lr=config.gate_lr,
+            progress=progress,
+        )
+    ]
+    final_lambda = stages[0].history[-1]["lambda"]
+    metrics["gated_big_student"] = measure(gated)
+    student = compress(gated)
+    copy.deepcopy(a).load_state_dict(student.state_dict(), strict=True)
+    metrics["student_before_finetune"] = measure(student)
+    gap = _function_gap(gated, student, eval_loader, accelerator) if eval_loader else {}
+    gate_stats = gated.statistics()
+    del gated, big
+    if config.finetune_epochs > 0:
+        stages.append(
+            train_stage(
+                student,
+                train_loader,
+                config.finetune_stage(),
+                task=config.task,
+                accelerator=accelerator,
+                name="finetune",
+                progress=progress,
+            )
+        )
+    student.eval()
+    metrics["student"] = measure(student)
+    result = MergeResult(
+        student=student,
+        gate_stats=gate_stats,
+        metrics={k: v for k, v in metrics.items() if v},
+        config=config,
+        spec=spec,
+        teachers=(info_a, info_b),
+        stages=stages,
+        final_lambda=final_lambda,
+        function_gap=gap,
+        dataset_names=_dataset_name(train_data),
+        label_names=_label_names(train_data, config.label_column),
+    )
+    if output_dir is not None and accelerator.is_main_process:
+        result.save_pretrained(output_dir, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    return result

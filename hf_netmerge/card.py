@@ -1,0 +1,124 @@
+"""The model card of a merged student: teachers, method and budgets, gate statistics, metrics, config."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+if TYPE_CHECKING:
+    from .api import MergeResult
+
+CITATION = """@article{pasen2024merging,
+  title   = {Merging of Neural Networks},
+  author  = {Pa{\\v{s}}en, Martin and Bo{\\v{z}}a, Vladim{\\'\\i}r},
+  journal = {Neural Processing Letters},
+  year    = {2024},
+  note    = {CC BY 4.0}
+}"""
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+    names = sorted({k for m in metrics.values() for k in m})
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for model, values in metrics.items():
+        lines.append(f"| {model} | " + " | ".join(_fmt(values[n]) if n in values else "" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def _gate_table(result: MergeResult) -> str:
+    lines = [
+        "| group | size | kept | from A | from B | mean P[g>0] | open in eval | weakest kept gate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in result.gate_stats:
+        lines.append(
+            f"| {s.group} | {s.size} | {s.kept} | {s.kept_from_a} | {s.kept_from_b} | "
+            f"{s.mean_p_open:.3f} | {s.open_fraction:.3f} | {s.min_kept_gate:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _teacher_line(label: str, info: dict) -> str:
+    where = info.get("reference") or "an in-memory module"
+    extra = []
+    if info.get("revision"):
+        extra.append(f"revision `{info['revision']}`")
+    if info.get("sha256"):
+        extra.append(f"weights sha256 `{info['sha256']}`")
+    tail = f" ({', '.join(extra)})" if extra else ""
+    return f"- Teacher {label}: `{where}` [{info['source']}]{tail}"
+
+
+def render_card(result: MergeResult) -> str:
+    """The README.md text (YAML front matter + body) for ``result``'s student."""
+    hub_ids = [t.hub_id for t in result.teachers if t.hub_id]
+    data = ModelCardData(
+        library_name="timm",
+        tags=["hf_netmerge", "model-merging", "timm", result.config.task],
+        base_model=hub_ids or None,
+        base_model_relation="merge" if hub_ids else None,
+        datasets=result.dataset_names or None,
+    )
+    cfg = result.config
+    stages = "\n".join(f"| {r.stage} | {r.epochs} | {r.steps} | {r.seconds:.1f} |" for r in result.stages)
+    gap = ", ".join(f"{k} {_fmt(v)}" for k, v in result.function_gap.items()) or "not measured (no eval data)"
+    body = f"""
+# {result.architecture} merged with hf_netmerge
+
+This `{result.architecture}` was made by merging two teachers of the same architecture with the
+method of *Merging of Neural Networks* (Pašen & Boža, 2024): the teachers were concatenated into a
+double-width big student, hard-concrete L0 gates learned which half of every channel group to keep,
+the big student was compressed back to the teachers' architecture, and the result was fine-tuned.
+
+## Teachers
+
+{_teacher_line("A", result.teachers[0].to_dict())}
+{_teacher_line("B", result.teachers[1].to_dict())}
+
+## Method and budget
+
+| stage | epochs | optimizer steps | seconds |
+|---|---|---|---|
+{stages}
+
+Gate stage: weights SGD lr {cfg.lr} (momentum {cfg.momentum}), gates Adam lr {cfg.gate_lr};
+λ from {cfg.lambda_init} growing by {cfg.lambda_growth}·√λ per epoch to **{_fmt(result.final_lambda)}**.
+Function gap between the gated big student (eval) and the compressed student before fine-tuning: {gap}.
+
+## Gate statistics
+
+{_gate_table(result)}
+
+## Metrics
+
+{_metrics_table(result.metrics) if result.metrics else "No evaluation data was given."}
+
+## Usage
+
+```python
+import timm
+import hf_netmerge  # registers hf_netmerge's own architectures (not needed for timm's built-in ones)
+
+model = timm.create_model("hf-hub:<this repo id>", pretrained=True)  # or "local-dir:<this folder>"
+model.eval()
+```
+
+## Merge config
+
+```yaml
+{yaml.safe_dump(cfg.to_dict(), sort_keys=True).strip()}
+```
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content

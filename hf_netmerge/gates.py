@@ -1,0 +1,229 @@
+"""Hard-concrete L0 gates (Louizos et al. 2017) on every channel group of a big student.
+
+Gates are injected PEFT-style: each gate site (the activation carrying a group) is wrapped by a
+:class:`GateSite` that multiplies its output by the group's gate; all gates live in
+:class:`GatedModel.gates`, so a gate shared by several sites (a residual stream) has one set of
+parameters and draws one noise sample per forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+from .spec import MergeSpec, validate_spec
+from .surgery import group_origin, replace_module
+
+BETA = 2.0 / 3.0
+GAMMA = -0.1
+ZETA = 1.1
+_LOG_RATIO = math.log(-GAMMA / ZETA)
+_EPS = 1e-6
+
+
+class HardConcreteGate(nn.Module):
+    """A stretched, clamped concrete gate per channel, with a fp32 ``log_alpha`` parameter.
+
+    In training each forward draws one sample per (example, channel); in eval the gate is the
+    deterministic ``clamp(sigmoid(log_alpha)·(ζ−γ)+γ, 0, 1)``.
+    """
+
+    def __init__(self, size: int, init_mean: float = 1.0, init_std: float = 0.01) -> None:
+        super().__init__()
+        self.size = size
+        self.log_alpha = nn.Parameter(torch.empty(size, dtype=torch.float32).normal_(init_mean, init_std))
+        self._sample: torch.Tensor | None = None
+
+    def prob_open(self) -> torch.Tensor:
+        """P[g > 0] per channel."""
+        return torch.sigmoid(self.log_alpha - BETA * _LOG_RATIO)
+
+    def eval_value(self) -> torch.Tensor:
+        """The deterministic gate value used in eval mode."""
+        return torch.clamp(torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+    def sample(self, batch: int) -> torch.Tensor:
+        """A fresh ``(batch, size)`` draw of the stretched, clamped concrete distribution."""
+        u = torch.rand(batch, self.size, device=self.log_alpha.device).clamp(_EPS, 1.0 - _EPS)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / BETA)
+        return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+    def clear_sample(self) -> None:
+        """Forget this forward pass's noise sample."""
+        self._sample = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            if self._sample is None:
+                self._sample = self.sample(x.shape[0])
+            g = self._sample
+        else:
+            g = self.eval_value().unsqueeze(0)
+        return x * g.to(x.dtype).view(*g.shape, *([1] * (x.dim() - 2)))
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
+class GateSite(nn.Module):
+    """Wraps the module whose output carries a channel group and gates that output."""
+
+    def __init__(self, base: nn.Module, gate: HardConcreteGate) -> None:
+        super().__init__()
+        self.base = base
+        # Not registered as a submodule: the gate belongs to GatedModel.gates (one copy even when shared).
+        object.__setattr__(self, "gate", gate)
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.base(*args, **kwargs))
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """What the gate stage decided for one channel group."""
+
+    group: str
+    size: int
+    kept: int
+    kept_from_a: int
+    kept_from_b: int
+    mean_p_open: float
+    open_fraction: float
+    min_kept_gate: float
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+class GatedModel(nn.Module):
+    """A big student with a hard-concrete gate on every channel group (see :func:`add_gates`)."""
+
+    def __init__(self, model: nn.Module, spec: MergeSpec, init_mean: float = 1.0, init_std: float = 0.01) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.gates = nn.ModuleDict({g.name: HardConcreteGate(2 * g.size, init_mean, init_std) for g in spec.groups})
+        for g in spec.groups:
+            for site in g.gate_sites:
+                replace_module(model, site, GateSite(model.get_submodule(site), self.gates[g.name]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.model(x)
+        finally:
+            for gate in self.gates.values():
+                gate.clear_sample()
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The gates' ``log_alpha`` parameters (they get their own optimizer)."""
+        return [gate.log_alpha for gate in self.gates.values()]
+
+    def half_penalty(self) -> torch.Tensor:
+        """Σ over groups of (½ − mean P[g>0])²: zero when every group keeps half its channels open."""
+        terms = [(0.5 - gate.prob_open().mean()) ** 2 for gate in self.gates.values()]
+        return torch.stack(terms).sum()
+
+    def keep_indices(self) -> dict[str, torch.Tensor]:
+        """Per group, the half of the channels with the highest ``log_alpha`` (ties by index), in original order."""
+        keep = {}
+        for g in self.spec.groups:
+            log_alpha = self.gates[g.name].log_alpha.detach().cpu()
+            order = torch.argsort(-log_alpha, stable=True)[: g.size]
+            keep[g.name] = torch.sort(order).values
+        return keep
+
+    def statistics(self) -> list[GroupStats]:
+        """Per group: kept channels by teacher, mean P[g>0], fraction open in eval, weakest kept gate."""
+        stats = []
+        for g, (name, index) in zip(self.spec.groups, self.keep_indices().items()):
+            gate = self.gates[name]
+            with torch.no_grad():
+                value = gate.eval_value().cpu()
+                from_a, from_b = group_origin(g, index)
+                stats.append(
+                    GroupStats(
+                        group=name,
+                        size=gate.size,
+                        kept=int(index.numel()),
+                        kept_from_a=from_a,
+                        kept_from_b=from_b,
+                        mean_p_open=float(gate.prob_open().mean()),
+                        open_fraction=float((value > 0).float().mean()),
+                        min_kept_gate=float(value[index].min()),
+                    )
+                )
+        return stats
+
+
+def add_gates(big: nn.Module, init_mean: float = 1.0, init_std: float = 0.01) -> GatedModel:
+    """Wrap a big student from :func:`~hf_netmerge.concatenate` with gates on every channel group.
+
+    The big student is modified in place (its gate sites are wrapped) and owned by the result.
+    ``log_alpha`` starts at N(init_mean, init_std), the reference init (P[g>0] ≈ 0.93).
+    """
+    spec = getattr(big, "netmerge_spec", None)
+    if not isinstance(spec, MergeSpec):
+        raise UnsupportedModelError("add_gates expects a big student made by hf_netmerge.concatenate(teacher_a, teacher_b)")
+    validate_spec(big, spec, width=2)
+    return GatedModel(big, spec, init_mean, init_std)
+
+
+def remove_gates(model: nn.Module) -> nn.Module:
+    """Unwrap every :class:`GateSite` inside ``model`` in place (the gates' effect is dropped)."""
+    sites = [name for name, m in model.named_modules() if isinstance(m, GateSite)]
+    for name in sites:
+        replace_module(model, name, model.get_submodule(name).base)
+    return model
+
+
+class LambdaSchedule:
+    """λ of the half loss, growing once per epoch as λ ← λ + c·√λ (quadratic in the epoch count)."""
+
+    def __init__(self, initial: float, growth: float) -> None:
+        if initial <= 0 or growth < 0:
+            raise ValueError("lambda_init must be > 0 and lambda_growth >= 0")
+        self.value = initial
+        self.growth = growth
+
+    def step(self) -> float:
+        """Advance one epoch; returns the new λ."""
+        self.value += self.growth * math.sqrt(self.value)
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "growth": self.growth}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value, self.growth = float(state["value"]), float(state["growth"])
+
+
+class GateRegularizer:
+    """The gate stage's extra objective: ``λ·half_penalty``, with its own λ schedule and gate parameters."""
+
+    def __init__(self, gated: GatedModel, lambda_init: float, lambda_growth: float) -> None:
+        self.gated = gated
+        self.schedule = LambdaSchedule(lambda_init, lambda_growth)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.gated.gate_parameters()
+
+    def loss(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(λ·penalty, penalty) for the current step."""
+        penalty = self.gated.half_penalty()
+        return self.schedule.value * penalty, penalty
+
+    def end_epoch(self) -> None:
+        self.schedule.step()
+
+    def log(self) -> dict[str, float]:
+        """λ, the penalty and each group's mean P[g>0], for trackers."""
+        with torch.no_grad():
+            out = {"lambda": self.schedule.value, "penalty": float(self.gated.half_penalty())}
+            for name, gate in self.gated.gates.items():
+                out[f"p_open/{name}"] = float(gate.prob_open().mean())
+        return out
