@@ -16,10 +16,10 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .adapters import architecture_name, resolve_spec
+from .adapters import resolve_spec
 from .card import render_card
 from .config import MergeConfig
-from .data import as_torch_dataset, check_dataset, make_loader
+from .data import as_torch_dataset, check_dataset, is_hf_dataset, make_loader
 from .errors import UnsupportedModelError
 from .gates import GatedModel, GateRegularizer, GroupStats, add_gates, remove_gates
 from .hub import TeacherInfo, load_teacher, save_student
@@ -138,7 +138,8 @@ def _prepare_data(
     data: Any, model: nn.Module, config: MergeConfig, num_classes: int, min_size: int, label: str
 ) -> Dataset:
     mode = "L" if getattr(model, "in_chans", 3) == 1 else "RGB"
-    dataset = as_torch_dataset(data, config.image_column, config.label_column, _data_transform(model), mode)
+    transform = _data_transform(model) if is_hf_dataset(data) else None
+    dataset = as_torch_dataset(data, config.image_column, config.label_column, transform, mode)
     check_dataset(dataset, config.task, num_classes, min_size=min_size, label=label)
     return dataset
 
@@ -182,8 +183,8 @@ def merge_models(
         check_output_dir(output_dir, overwrite)
     a, info_a = load_teacher(teacher_a)
     b, info_b = load_teacher(teacher_b)
-    check_teachers(a, b)
-    spec = resolve_spec(a)
+    big = concatenate(a, b)
+    spec: MergeSpec = big.netmerge_spec
     if not timm.is_model(spec.architecture):
         raise UnsupportedModelError(
             f"{spec.architecture!r} is not a timm architecture; create teachers with timm.create_model so the student can be saved"
@@ -201,7 +202,6 @@ def merge_models(
         return evaluate(model, eval_loader, task=config.task, accelerator=accelerator) if eval_loader else {}
 
     metrics = {"teacher_a": measure(a), "teacher_b": measure(b), "ensemble": measure(MeanEnsemble(a, b))}
-    big = concatenate(a, b)
     metrics["big_student"] = measure(big)
     gated = add_gates(big, config.gate_init_mean, config.gate_init_std)
     regularizer = GateRegularizer(gated, config.lambda_init, config.lambda_growth)

@@ -79,13 +79,18 @@ class HFImageDataset(Dataset):
         return list(self.ds[self.label_column])
 
 
+def is_hf_dataset(data: Any) -> bool:
+    """Whether ``data`` is a ``datasets.Dataset`` (checked by duck type, so ``datasets`` need not be imported)."""
+    return hasattr(data, "column_names") and hasattr(data, "features")
+
+
 def as_torch_dataset(
     data: Any, image_column: str = "image", label_column: str = "label", transform: Callable | None = None, mode: str = "RGB"
 ) -> Dataset:
     """A torch Dataset from a ``datasets.Dataset``, a torch Dataset or a DataLoader (its dataset)."""
     if isinstance(data, DataLoader):
         return data.dataset
-    if hasattr(data, "column_names") and hasattr(data, "features"):
+    if is_hf_dataset(data):
         return HFImageDataset(data, image_column, label_column, transform, mode)
     if isinstance(data, Dataset):
         return data
@@ -123,7 +128,10 @@ def check_dataset(dataset: Dataset, task: str, num_classes: int, min_size: int =
             raise DatasetError(f"{label}: classification labels must be integers")
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= num_classes:
-            raise DatasetError(f"{label}: labels span [{low}, {high}] but the model has {num_classes} classes (labels must be in [0, {num_classes - 1}])")
+            raise DatasetError(
+                f"{label}: labels span [{low}, {high}] but the model has {num_classes} classes "
+                f"(labels must be in [0, {num_classes - 1}])"
+            )
     elif not bool(torch.isfinite(targets.float()).all()):
         raise DatasetError(f"{label}: regression targets hold NaN or Inf")
 

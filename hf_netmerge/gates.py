@@ -48,8 +48,8 @@ class HardConcreteGate(nn.Module):
 
     def sample(self, batch: int) -> torch.Tensor:
         """A fresh ``(batch, size)`` draw of the stretched, clamped concrete distribution."""
-        u = torch.rand(batch, self.size, device=self.log_alpha.device).clamp(_EPS, 1.0 - _EPS)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / BETA)
+        u = torch.rand(batch, self.size, device=self.log_alpha.device)
+        s = torch.sigmoid((torch.logit(u, eps=_EPS) + self.log_alpha) / BETA)
         return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
     def clear_sample(self) -> None:

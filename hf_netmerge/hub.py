@@ -122,7 +122,7 @@ def timm_config(model: nn.Module, label_names: list[str] | None = None) -> dict[
 
     (transformers' timm wrapper passes ``num_classes`` itself and fails when ``model_args`` repeats it.)
     """
-    from timm.models import save_config_for_hf
+    from timm.models._hub import save_config_for_hf
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CONFIG_NAME

@@ -1,0 +1,59 @@
+"""Command line: ``hf-netmerge demo`` (also ``python -m hf_netmerge``), a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import NetMergeError
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    if args.seeds < 1 or args.epochs_scale <= 0:
+        raise NetMergeError("--seeds must be >= 1 and --epochs-scale > 0")
+    cfg = DemoConfig(
+        seeds=args.seeds,
+        first_seed=args.first_seed,
+        epochs_scale=args.epochs_scale,
+        threads=args.threads,
+        output_dir=args.output_dir,
+    )
+    run_demo(cfg, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-netmerge`` argument parser."""
+    parser = argparse.ArgumentParser(prog="hf-netmerge", description="Merge two networks of one architecture into one.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    defaults = __import__("hf_netmerge.demo", fromlist=["DemoConfig"]).DemoConfig()
+    demo = sub.add_parser("demo", help="the paper's sine problem end to end: teachers, merge, fine-tune, bo3 and one-model baselines")
+    demo.add_argument("--seeds", type=int, default=defaults.seeds, help=f"number of seeds (default {defaults.seeds})")
+    demo.add_argument("--first-seed", type=int, default=defaults.first_seed, help="first seed (default 0)")
+    demo.add_argument(
+        "--epochs-scale",
+        type=float,
+        default=defaults.epochs_scale,
+        help=f"fraction of the paper's 900 epochs per strategy (default {defaults.epochs_scale}; 1 = the paper's budget)",
+    )
+    demo.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads (default 1)")
+    demo.add_argument("--output-dir", default=defaults.output_dir, help=f"where results go (default {defaults.output_dir}/)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; exit code 0 on success, 2 on a refused input."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NetMergeError as e:
+        print(f"hf-netmerge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny models with real BatchNorm statistics, tiny image datasets, a clean Accelerate state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from accelerate.state import AcceleratorState, PartialState
+
+import hf_netmerge  # noqa: F401  (registers the architectures)
+
+torch.set_num_threads(1)
+
+# (architecture, create_model kwargs): every family the core supports, BN and non-BN, 1-d and 2-d.
+ARCHITECTURES = [
+    ("netmerge_sine_mlp", {}),
+    ("netmerge_mlp_bn", {"in_chans": 5, "num_classes": 3}),
+    ("netmerge_lenet", {"num_classes": 10}),
+    ("netmerge_lenet_bn", {"num_classes": 4}),
+    ("netmerge_lenet_bn", {"num_classes": 7, "in_chans": 1, "img_size": 32}),
+]
+ARCH_IDS = [f"{name}-{'-'.join(f'{k}{v}' for k, v in kw.items()) or 'default'}" for name, kw in ARCHITECTURES]
+
+
+def input_shape(model: torch.nn.Module, batch: int = 8) -> tuple[int, ...]:
+    """A batch shape the model accepts."""
+    if hasattr(model, "img_size"):
+        return (batch, model.in_chans, *model.img_size)
+    return (batch, model.in_chans)
+
+
+def make_teacher(name: str, kwargs: dict, seed: int) -> torch.nn.Module:
+    """A teacher with random BN affine parameters and running statistics gathered on data (not timm's defaults)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, **kwargs)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.normal_(m.bias, std=0.5)
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(input_shape(model, 16)) * 2 + 0.5)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each test may pick its own mixed precision: Accelerate keeps one per process otherwise."""
+    yield
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+def image_dataset(n: int, num_classes: int, size: int = 28, seed: int = 0, channels: int = 3):
+    """A ``datasets.Dataset`` of ``n`` PIL images whose class decides the mean brightness (learnable)."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    images = []
+    for y in labels:
+        base = 40 + 180 * y / max(num_classes - 1, 1)
+        pixels = np.clip(rng.normal(base, 25, (size, size, channels)), 0, 255).astype(np.uint8)
+        images.append(Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels))
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"class_{i}" for i in range(num_classes)])}
+    )
+    return datasets.Dataset.from_dict({"image": images, "label": labels.tolist()}, features=features)

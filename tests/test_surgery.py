@@ -1,0 +1,151 @@
+"""Concatenation preserves the function, compression preserves the masked function and the architecture."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import hf_netmerge as hm
+from hf_netmerge.adapters import resolve_spec
+from hf_netmerge.spec import ChannelGroup, Consumer, MergeSpec, validate_spec
+from hf_netmerge.surgery import expand_index
+
+from conftest import ARCH_IDS, ARCHITECTURES, input_shape, make_teacher
+
+
+@pytest.mark.parametrize("name,kwargs", ARCHITECTURES, ids=ARCH_IDS)
+def test_big_student_equals_teacher_mean(name, kwargs):
+    a, b = make_teacher(name, kwargs, 0), make_teacher(name, kwargs, 1)
+    big = hm.concatenate(a, b).eval()
+    x = torch.randn(input_shape(a))
+    expected = (a(x) + b(x)) / 2
+    assert not torch.allclose(a(x), b(x))
+    torch.testing.assert_close(big(x), expected, rtol=1e-4, atol=1e-5)
+    for g in big.netmerge_spec.groups:
+        for p in g.producers:
+            assert big.get_submodule(p).weight.shape[0] == 2 * g.size
+
+
+def test_concatenate_keeps_bn_running_stats_and_zero_cross_terms():
+    a, b = make_teacher("netmerge_lenet_bn", {}, 0), make_teacher("netmerge_lenet_bn", {}, 1)
+    big = hm.concatenate(a, b)
+    torch.testing.assert_close(big.bn2.running_mean, torch.cat([a.bn2.running_mean, b.bn2.running_mean]))
+    torch.testing.assert_close(big.bn2.running_var, torch.cat([a.bn2.running_var, b.bn2.running_var]))
+    w = big.conv2.weight
+    assert torch.count_nonzero(w[:16, 6:]) == 0 and torch.count_nonzero(w[16:, :6]) == 0
+    torch.testing.assert_close(big.conv1.weight, torch.cat([a.conv1.weight, b.conv1.weight]))  # shared input
+    torch.testing.assert_close(big.head.weight, torch.cat([a.head.weight, b.head.weight], 1) / 2)
+    # fc1 reads a flatten: A's 16×5×5 features first, then B's.
+    torch.testing.assert_close(big.fc1.weight[:120, :400], a.fc1.weight)
+    assert torch.count_nonzero(big.fc1.weight[:120, 400:]) == 0
+
+
+def test_concatenate_leaves_teachers_untouched():
+    a, b = make_teacher("netmerge_lenet", {}, 0), make_teacher("netmerge_lenet", {}, 1)
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    hm.concatenate(a, b)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def _force_half_open(gated: hm.GatedModel, seed: int) -> None:
+    """Set every gate exactly open (eval value 1) or closed (0), half of each group, at random."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in gated.gates.values():
+            open_ = torch.randperm(gate.size, generator=gen) < gate.size // 2
+            gate.log_alpha.copy_(torch.where(open_, 8.0, -8.0))
+
+
+@pytest.mark.parametrize("name,kwargs", ARCHITECTURES, ids=ARCH_IDS)
+def test_compressed_student_equals_masked_big_student(name, kwargs):
+    a, b = make_teacher(name, kwargs, 0), make_teacher(name, kwargs, 1)
+    gated = hm.add_gates(hm.concatenate(a, b))
+    _force_half_open(gated, 3)
+    gated.eval()
+    for gate in gated.gates.values():
+        assert set(gate.eval_value().unique().tolist()) == {0.0, 1.0}
+    student = hm.compress(gated).eval()
+    x = torch.randn(input_shape(a))
+    torch.testing.assert_close(student(x), gated(x), rtol=1e-4, atol=1e-5)
+
+    fresh = timm.create_model(name, **kwargs)
+    fresh_sd, student_sd = fresh.state_dict(), student.state_dict()
+    assert list(student_sd) == list(fresh_sd)
+    assert {k: v.shape for k, v in student_sd.items()} == {k: v.shape for k, v in fresh_sd.items()}
+    fresh.load_state_dict(student_sd, strict=True)
+    torch.testing.assert_close(fresh.eval()(x), student(x))
+    assert type(student) is type(a) and not hasattr(student, "netmerge_spec")
+
+
+def test_compress_keeps_top_half_with_stable_ties_in_original_order():
+    a, b = make_teacher("netmerge_sine_mlp", {}, 0), make_teacher("netmerge_sine_mlp", {}, 1)
+    gated = hm.add_gates(hm.concatenate(a, b))
+    gate = gated.gates["hidden0"]
+    with torch.no_grad():
+        gate.log_alpha.fill_(0.0)
+        gate.log_alpha[[150, 7, 120]] = 5.0
+    keep = gated.keep_indices()["hidden0"]
+    # three clear winners, then ties broken by the lowest index; returned in original order
+    expected = sorted([7, 120, 150] + [i for i in range(200) if i not in (7, 120, 150)][:97])
+    assert keep.tolist() == expected
+    student = hm.compress(gated)
+    big = gated.model
+    torch.testing.assert_close(student.blocks[0].fc.weight, big.blocks[0].fc.weight[keep])
+    torch.testing.assert_close(student.head.weight, big.head.weight[:, keep])
+    torch.testing.assert_close(student.head.bias, big.head.bias)
+
+
+def test_compress_selects_flattened_feature_blocks():
+    assert expand_index(torch.tensor([0, 2]), 3).tolist() == [0, 1, 2, 6, 7, 8]
+
+
+def test_gate_statistics_count_channels_per_teacher():
+    a, b = make_teacher("netmerge_lenet", {}, 0), make_teacher("netmerge_lenet", {}, 1)
+    gated = hm.add_gates(hm.concatenate(a, b))
+    with torch.no_grad():
+        for gate in gated.gates.values():
+            gate.log_alpha.copy_(torch.linspace(1, -1, gate.size))  # teacher A's channels rank first
+    stats = {s.group: s for s in gated.statistics()}
+    assert stats["conv2"].kept == 16 and stats["conv2"].kept_from_a == 16 and stats["conv2"].kept_from_b == 0
+    assert stats["fc1"].size == 240
+
+
+class Unknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.act = nn.ReLU()
+        self.extra = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.extra(self.act(self.fc(x))))
+
+
+def _spec(**override) -> MergeSpec:
+    group = ChannelGroup("h", 8, ("fc",), (Consumer("head"),), ("act",))
+    return MergeSpec("unknown", "fc", "head", (override.get("group", group),))
+
+
+def test_spec_validation_names_the_uncovered_module():
+    with pytest.raises(hm.UnsupportedModelError, match="'extra'"):
+        validate_spec(Unknown(), _spec())
+
+
+def test_spec_validation_refuses_wrong_sizes_and_missing_modules():
+    model = Unknown()
+    del model.extra
+    model.forward = lambda x: model.head(model.act(model.fc(x)))
+    validate_spec(model, _spec())
+    with pytest.raises(hm.UnsupportedModelError, match="expects 6"):
+        validate_spec(model, _spec(group=ChannelGroup("h", 6, ("fc",), (Consumer("head"),), ("act",))))
+    with pytest.raises(hm.UnsupportedModelError, match="missing module 'nope'"):
+        validate_spec(model, _spec(group=ChannelGroup("h", 8, ("fc",), (Consumer("nope"),), ("act",))))
+
+
+def test_unregistered_model_is_refused():
+    with pytest.raises(hm.UnsupportedModelError, match="no channel-group adapter"):
+        resolve_spec(Unknown())
