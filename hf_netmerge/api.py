@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import platform
 from dataclasses import dataclass, field
@@ -205,19 +206,8 @@ def merge_models(
     metrics["big_student"] = measure(big)
     gated = add_gates(big, config.gate_init_mean, config.gate_init_std)
     regularizer = GateRegularizer(gated, config.lambda_init, config.lambda_growth)
-    stages = [
-        train_stage(
-            gated,
-            train_loader,
-            config.gate_stage(),
-            task=config.task,
-            accelerator=accelerator,
-            name="gates",
-            regularizer=regularizer,
-            gate_lr=config.gate_lr,
-            progress=progress,
-        )
-    ]
+    train = functools.partial(train_stage, loader=train_loader, task=config.task, accelerator=accelerator, progress=progress)
+    stages = [train(gated, stage=config.gate_stage(), name="gates", regularizer=regularizer, gate_lr=config.gate_lr)]
     final_lambda = stages[0].history[-1]["lambda"]
     metrics["gated_big_student"] = measure(gated)
     student = compress(gated)
@@ -227,17 +217,7 @@ def merge_models(
     gate_stats = gated.statistics()
     del gated, big
     if config.finetune_epochs > 0:
-        stages.append(
-            train_stage(
-                student,
-                train_loader,
-                config.finetune_stage(),
-                task=config.task,
-                accelerator=accelerator,
-                name="finetune",
-                progress=progress,
-            )
-        )
+        stages.append(train(student, stage=config.finetune_stage(), name="finetune"))
     student.eval()
     metrics["student"] = measure(student)
     result = MergeResult(

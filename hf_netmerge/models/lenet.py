@@ -9,6 +9,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from ._head import LinearHeadMixin
+
 
 def _norm2d(channels: int, norm: bool) -> nn.Module:
     return nn.BatchNorm2d(channels) if norm else nn.Identity()
@@ -18,7 +20,7 @@ def _norm1d(features: int, norm: bool) -> nn.Module:
     return nn.BatchNorm1d(features) if norm else nn.Identity()
 
 
-class LeNet(nn.Module):
+class LeNet(LinearHeadMixin, nn.Module):
     """Two 5×5 convolutions with max-pooling, then three linear layers.
 
     The first convolution pads by 2 so that a 28×28 input gives the paper's 16×5×5 = 400 features.
@@ -36,7 +38,6 @@ class LeNet(nn.Module):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        self.num_classes = num_classes
         self.in_chans = in_chans
         height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.img_size = (height, width)
@@ -61,29 +62,13 @@ class LeNet(nn.Module):
         self.fc2 = nn.Linear(h1, h2, bias=not norm)
         self.bn4 = _norm1d(h2, norm)
         self.act4 = nn.ReLU()
-        self.num_features = self.head_hidden_size = h2
-        self.drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(h2, num_classes) if num_classes > 0 else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(h2, num_classes, drop_rate)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool1(self.act1(self.bn1(self.conv1(x))))
         x = self.pool2(self.act2(self.bn2(self.conv2(x))))
         x = self.act3(self.bn3(self.fc1(self.flatten(x))))
         return self.act4(self.bn4(self.fc2(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -8,6 +8,8 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from ._head import LinearHeadMixin
+
 
 class MLPBlock(nn.Module):
     """Linear → (BatchNorm1d) → ReLU."""
@@ -22,7 +24,7 @@ class MLPBlock(nn.Module):
         return self.act(self.norm(self.fc(x)))
 
 
-class MLP(nn.Module):
+class MLP(LinearHeadMixin, nn.Module):
     """Fully connected network; inputs of any shape are flattened to ``in_chans`` features."""
 
     def __init__(
@@ -34,31 +36,14 @@ class MLP(nn.Module):
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.hidden_sizes = tuple(hidden_sizes)
         widths = (in_chans, *self.hidden_sizes)
         self.blocks = nn.Sequential(*(MLPBlock(i, o, norm) for i, o in zip(widths[:-1], widths[1:])))
-        self.num_features = self.head_hidden_size = widths[-1]
-        self.drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(widths[-1], num_classes, drop_rate)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x.flatten(1))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
