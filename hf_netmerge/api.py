@@ -22,7 +22,7 @@ from .card import render_card
 from .config import MergeConfig
 from .data import as_torch_dataset, check_dataset, is_hf_dataset, make_loader
 from .errors import UnsupportedModelError
-from .gates import GatedModel, GateRegularizer, GroupStats, add_gates, remove_gates
+from .gates import GatedModel, GateRegularizer, GroupStats, add_gates, gates_removed
 from .hub import TeacherInfo, load_teacher, save_student
 from .spec import MergeSpec
 from .surgery import select_model, widen_model
@@ -52,7 +52,8 @@ def compress(gated: GatedModel) -> nn.Module:
     """
     if not isinstance(gated, GatedModel):
         raise UnsupportedModelError("compress expects the GatedModel returned by hf_netmerge.add_gates")
-    student = remove_gates(select_model(gated.model, gated.spec, gated.keep_indices()))
+    with gates_removed(gated) as big:
+        student = select_model(big, gated.spec, gated.keep_indices())
     del student.netmerge_spec
     return student
 

@@ -8,7 +8,9 @@ parameters and draws one noise sample per forward pass.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -179,6 +181,18 @@ def remove_gates(model: nn.Module) -> nn.Module:
     for name in sites:
         replace_module(model, name, model.get_submodule(name).base)
     return model
+
+
+@contextlib.contextmanager
+def gates_removed(gated: GatedModel) -> Iterator[nn.Module]:
+    """The big student with its gate sites unwrapped for the duration of the block, then re-wrapped as they were."""
+    sites = {name: m for name, m in gated.model.named_modules() if isinstance(m, GateSite)}
+    remove_gates(gated.model)
+    try:
+        yield gated.model
+    finally:
+        for name, site in sites.items():
+            replace_module(gated.model, name, site)
 
 
 class LambdaSchedule:

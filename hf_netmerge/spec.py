@@ -10,11 +10,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from timm.layers import Linear as TimmLinear
 from torch import nn
 
 from .errors import UnsupportedModelError
 
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+# Exact classes only: subclasses that transform their weights (timm's StdConv2d, ScaledStdConv2d) would not
+# stay exact under block-diagonal concatenation. timm's Linear only adds a dtype cast.
+EXACT_WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, TimmLinear)
 SUPPORTED_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -128,7 +131,7 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
                 raise UnsupportedModelError(f"{spec.architecture}: channel group {g.name!r} names a missing module {name!r}")
     for name, (out_group, in_group, expansion) in roles.items():
         module = modules[name]
-        if not isinstance(module, SUPPORTED_LAYERS):
+        if type(module) not in EXACT_WEIGHT_LAYERS:
             raise UnsupportedModelError(
                 f"{spec.architecture}: module {name!r} ({type(module).__name__}) is not a supported weight layer"
             )

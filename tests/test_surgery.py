@@ -9,6 +9,7 @@ from torch import nn
 
 import hf_netmerge as hm
 from hf_netmerge.adapters import resolve_spec
+from hf_netmerge.adapters.traced import discover_spec
 from hf_netmerge.spec import ChannelGroup, Consumer, MergeSpec, validate_spec
 from hf_netmerge.surgery import expand_index
 
@@ -146,6 +147,8 @@ def test_spec_validation_refuses_wrong_sizes_and_missing_modules():
         validate_spec(model, _spec(group=ChannelGroup("h", 8, ("fc",), (Consumer("nope"),), ("act",))))
 
 
-def test_unregistered_model_is_refused():
-    with pytest.raises(hm.UnsupportedModelError, match="no channel-group adapter"):
-        resolve_spec(Unknown())
+def test_undiscoverable_model_is_refused_with_the_module_named():
+    with pytest.raises(hm.UnsupportedModelError, match="forward pass"):
+        resolve_spec(Unknown())  # no adapter, and no input size to trace with
+    with pytest.raises(hm.UnsupportedModelError, match="'extra' \\(LayerNorm\\)"):
+        discover_spec(Unknown(), "unknown", example=torch.randn(2, 4))

@@ -34,19 +34,34 @@ def architecture_name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
-def resolve_spec(model: nn.Module) -> MergeSpec:
-    """The validated channel-group spec of a teacher-width ``model``."""
+def declared_spec(model: nn.Module) -> MergeSpec | None:
+    """The spec the registered adapter of ``model``'s class declares, or None when there is none."""
     adapter = _ADAPTERS.get(type(model))
-    if adapter is None:
-        known = ", ".join(sorted(c.__name__ for c in _ADAPTERS))
-        raise UnsupportedModelError(
-            f"no channel-group adapter for {type(model).__name__} ({architecture_name(model)}); supported: {known}"
-        )
-    spec = adapter(model)
+    return adapter(model) if adapter is not None else None
+
+
+def resolve_spec(model: nn.Module, discover: bool = False) -> MergeSpec:
+    """The validated channel-group spec of a teacher-width ``model``.
+
+    Declared by the model family's adapter when there is one, else (or with ``discover=True``)
+    discovered by tracing one forward pass. The spec's first and last layers must match the
+    ``first_conv`` / ``classifier`` of the model's ``pretrained_cfg`` where it names them.
+    """
+    from .traced import discover_spec
+
+    spec = None if discover else declared_spec(model)
+    if spec is None:
+        spec = discover_spec(model, architecture_name(model))
     validate_spec(model, spec)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    for key, layer in (("first_conv", spec.input_layer), ("classifier", spec.output_layer)):
+        if isinstance(cfg.get(key), str) and cfg[key] != layer:
+            raise UnsupportedModelError(
+                f"{spec.architecture}: pretrained_cfg[{key!r}] is {cfg[key]!r} but the channel groups make {layer!r} that layer"
+            )
     return spec
 
 
-from . import lenet, mlp  # noqa: E402,F401  (register the built-in adapters)
+from . import lenet, mlp, resnet, vgg  # noqa: E402,F401  (register the built-in adapters)
 
-__all__ = ["Adapter", "architecture_name", "register_adapter", "resolve_spec"]
+__all__ = ["Adapter", "architecture_name", "declared_spec", "register_adapter", "resolve_spec"]
