@@ -130,17 +130,19 @@ class MergeResult:
         )
 
 
-def _data_transform(model: nn.Module) -> Any:
+def _data_transform(model: nn.Module, image_size: int | None) -> Any:
+    """timm's eval transform for ``model`` (resize, crop, normalize), at ``image_size`` when given."""
     from timm.data import create_transform, resolve_data_config
 
-    return create_transform(**resolve_data_config(model=model), is_training=False)
+    args = {"input_size": (getattr(model, "in_chans", 3), image_size, image_size)} if image_size else {}
+    return create_transform(**resolve_data_config(args, model=model), is_training=False)
 
 
 def _prepare_data(
     data: Any, model: nn.Module, config: MergeConfig, num_classes: int, min_size: int, label: str
 ) -> Dataset:
     mode = "L" if getattr(model, "in_chans", 3) == 1 else "RGB"
-    transform = _data_transform(model) if is_hf_dataset(data) else None
+    transform = _data_transform(model, config.image_size) if is_hf_dataset(data) else None
     dataset = as_torch_dataset(data, config.image_column, config.label_column, transform, mode)
     check_dataset(dataset, config.task, num_classes, min_size=min_size, label=label)
     return dataset

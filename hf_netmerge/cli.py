@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .errors import NetMergeError
+from .spec import MergeSpec
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -22,6 +23,32 @@ def _demo(args: argparse.Namespace) -> int:
     )
     run_demo(cfg, progress=not args.no_progress)
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import timm
+
+    from .adapters import resolve_spec
+    from .hub import load_teacher
+
+    if timm.is_model(args.model):
+        model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
+    else:
+        model, _ = load_teacher(args.model)
+    spec = resolve_spec(model, discover=args.discover)
+    print(format_spec(spec))
+    return 0
+
+
+def format_spec(spec: MergeSpec) -> str:
+    """The channel groups as readable text: name, size, source, then the modules in each role."""
+    lines = [f"{spec.architecture}: {len(spec.groups)} channel groups; input layer {spec.input_layer}, head {spec.output_layer}"]
+    for g in spec.groups:
+        consumers = [c.module if c.expansion == 1 else f"{c.module} (x{c.expansion})" for c in g.consumers]
+        lines.append(f"\n{g.name}  size {g.size}  [{g.source}]")
+        for role, names in (("producers", g.producers), ("norms", g.norms), ("consumers", consumers), ("gates at", g.gate_sites)):
+            lines.append(f"  {role:<10} {', '.join(names) if names else '-'}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default=defaults.output_dir, help=f"where results go (default {defaults.output_dir}/)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    inspect = sub.add_parser("inspect", help="print a model's channel groups: what is coupled and where gates go")
+    inspect.add_argument("model", help="a timm architecture name, a local timm directory or a Hub id")
+    inspect.add_argument("--num-classes", type=int, default=10, help="classes when MODEL is an architecture name (default 10)")
+    inspect.add_argument("--discover", action="store_true", help="trace the groups even where an adapter declares them")
+    inspect.set_defaults(func=_inspect)
     return parser
 
 

@@ -145,6 +145,8 @@ class MergeConfig(TypedConfig):
     The gate stage trains weights with SGD (``lr``) and gates with Adam (``gate_lr``, constant, no
     weight decay); λ starts at ``lambda_init`` and grows each epoch by ``lambda_growth·√λ``.
     Fine-tuning uses ``finetune_lr`` (``lr`` if unset), divided by 10 at ``finetune_milestones``.
+    Images of a ``datasets.Dataset`` go through timm's eval transform for the teachers, resized to
+    ``image_size`` when set (else the architecture's default input size).
     """
 
     task: Task = "classification"
@@ -165,10 +167,12 @@ class MergeConfig(TypedConfig):
     seed: int = 0
     image_column: str = "image"
     label_column: str = "label"
+    image_size: int | None = None
     num_workers: int = 0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
+        _check(self.image_size is None or self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
         _check(self.gate_epochs >= 1, f"gate_epochs must be >= 1, got {self.gate_epochs}")
         _check(self.finetune_epochs >= 0, f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")

@@ -9,6 +9,7 @@ import torch
 from accelerate.state import AcceleratorState, PartialState
 
 import hf_netmerge  # noqa: F401  (registers the architectures)
+from hf_netmerge.models import MLP
 
 torch.set_num_threads(1)
 
@@ -24,10 +25,10 @@ ARCH_IDS = [f"{name}-{'-'.join(f'{k}{v}' for k, v in kw.items()) or 'default'}" 
 
 
 def input_shape(model: torch.nn.Module, batch: int = 8) -> tuple[int, ...]:
-    """A batch shape the model accepts."""
-    if hasattr(model, "img_size"):
-        return (batch, model.in_chans, *model.img_size)
-    return (batch, model.in_chans)
+    """A batch shape the model accepts: its own image size, 32×32 for other CNNs, flat features for MLPs."""
+    if isinstance(model, MLP):
+        return (batch, model.in_chans)
+    return (batch, getattr(model, "in_chans", 3), *getattr(model, "img_size", (32, 32)))
 
 
 def make_teacher(name: str, kwargs: dict, seed: int) -> torch.nn.Module:

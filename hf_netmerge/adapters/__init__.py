@@ -6,6 +6,7 @@ only names modules and reads sizes. All tensor work lives in :mod:`hf_netmerge.s
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from torch import nn
@@ -52,6 +53,8 @@ def resolve_spec(model: nn.Module, discover: bool = False) -> MergeSpec:
     spec = None if discover else declared_spec(model)
     if spec is None:
         spec = discover_spec(model, architecture_name(model))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    spec = replace(spec, groups=tuple(sorted(spec.groups, key=lambda g: min(order.get(p, 0) for p in g.producers))))
     validate_spec(model, spec)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     for key, layer in (("first_conv", spec.input_layer), ("classifier", spec.output_layer)):

@@ -81,6 +81,7 @@ class _Tracer(TorchFunctionMode):
         self.leaf_depth = 0
         self.calls: dict[str, int] = {}
         self.input_layers: list[str] = []
+        self.stack: list[nn.Module] = []
 
     def find(self, s: int) -> int:
         while self.parent[s] != s:
@@ -141,7 +142,9 @@ class _Tracer(TorchFunctionMode):
 
     def _weight_layer(self, name: str, module: nn.Module, x: torch.Tensor, tag: _Tag, output: torch.Tensor) -> None:
         if type(module) not in EXACT_WEIGHT_LAYERS:
-            raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) transforms its weights; only plain Conv2d/Linear merge exactly")
+            raise UnsupportedModelError(
+                f"module {name!r} ({type(module).__name__}) transforms its weights; only plain Conv2d/Linear merge exactly"
+            )
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise UnsupportedModelError(f"module {name!r} is a grouped or depthwise convolution (groups={module.groups})")
         if isinstance(module, nn.Linear) and x.dim() != 2:
@@ -181,12 +184,14 @@ class _Tracer(TorchFunctionMode):
             if all(t.dim() == 0 for t in leaves if isinstance(t, torch.Tensor) and self.tag_of(t) is None):
                 tagged = [t for t in tagged if t is not None]
             else:
-                raise UnsupportedModelError(f"op {name!r} combines a channel group with a tensor of unknown origin (a layer scale?)")
+                raise UnsupportedModelError(
+                    f"op {name!r}{self.where()} combines a channel group with a tensor of unknown origin (a layer scale?)"
+                )
         first = tagged[0]
         if name in _BINARY and len(tagged) == 2:
             a, b = tagged
             if INPUT in (a.space, b.space):
-                raise UnsupportedModelError(f"op {name!r} combines the network input with a channel group")
+                raise UnsupportedModelError(f"op {name!r}{self.where()} combines the network input with a channel group")
             multiply = "mul" in name
             gated = (a.gated or b.gated) if multiply else (a.gated and b.gated)
             self.tag(output, _Tag(self.union(a.space, b.space), gated))
@@ -198,7 +203,7 @@ class _Tracer(TorchFunctionMode):
         ):
             self.tag(output, _Tag(first.space, first.gated))
         else:
-            raise UnsupportedModelError(f"op {name!r} mixes or reorders channels, so the merge cannot stay exact")
+            raise UnsupportedModelError(f"op {name!r}{self.where()} mixes or reorders channels, so the merge cannot stay exact")
         return output
 
     @staticmethod
@@ -213,12 +218,21 @@ class _Tracer(TorchFunctionMode):
         dims = [dims] if isinstance(dims, int) else list(dims)
         return all(d % x.dim() >= 2 for d in dims)
 
+    def where(self) -> str:
+        """' in module NAME (Class)' for the innermost module running now."""
+        if not self.stack:
+            return ""
+        module = self.stack[-1]
+        return f" in module {self.names.get(module) or '<root>'!r} ({type(module).__name__})"
+
     @contextlib.contextmanager
     def hooks(self, model: nn.Module) -> Iterator[None]:
         leaf_types = WEIGHT_LAYERS + NORMS + ACTIVATIONS + PASS_THROUGH
         self.modules_by_name = {n: m for m, n in self.names.items()}
         handles = []
         for module in model.modules():
+            handles.append(module.register_forward_pre_hook(self._push))
+            handles.append(module.register_forward_hook(self._pop))
             own_params = any(True for _ in module.parameters(recurse=False))
             if isinstance(module, leaf_types) or own_params or _is_unsupported(module):
                 handles.append(module.register_forward_pre_hook(self._enter))
@@ -228,6 +242,12 @@ class _Tracer(TorchFunctionMode):
         finally:
             for h in handles:
                 h.remove()
+
+    def _push(self, module: nn.Module, args: tuple) -> None:
+        self.stack.append(module)
+
+    def _pop(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.stack.pop()
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if not self.leaf_depth:
@@ -265,6 +285,8 @@ def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | N
         with torch.no_grad(), tracer.hooks(model), tracer:
             tracer.tag(example, _Tag(INPUT))
             output = model(example)
+    except UnsupportedModelError:
+        raise
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         raise UnsupportedModelError(
             f"{architecture}: no declared adapter, and a forward pass on a {tuple(example.shape)} input to discover "
@@ -293,7 +315,9 @@ def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | N
         if root == output_space or not space.producers:
             continue
         if not space.sites:
-            raise UnsupportedModelError(f"{architecture}: channels written by {space.producers[0]!r} pass no activation where a gate can sit")
+            raise UnsupportedModelError(
+                f"{architecture}: channels written by {space.producers[0]!r} pass no activation where a gate can sit"
+            )
         groups.append(
             ChannelGroup(
                 name=space.sites[0].replace(".", "_"),
