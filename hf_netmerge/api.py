@@ -6,6 +6,7 @@ import copy
 import functools
 import os
 import platform
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from .config import MergeConfig
 from .data import as_torch_dataset, check_dataset, is_hf_dataset, make_loader
 from .errors import UnsupportedModelError
 from .gates import GatedModel, GateRegularizer, GroupStats, add_gates, gates_removed
-from .hub import TeacherInfo, load_teacher, save_student
+from .hub import TeacherInfo, load_teacher, push_folder, save_student
 from .spec import MergeSpec
 from .surgery import select_model, widen_model
 from .training import MeanEnsemble, StageReport, evaluate, make_accelerator, predict, train_stage
@@ -129,6 +130,23 @@ class MergeResult:
             overwrite=overwrite,
         )
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Add merged student (hf_netmerge)",
+        token: str | None = None,
+    ) -> str:
+        """Publish the saved layout to the Hub in exactly one commit; returns the commit URL.
+
+        The token comes from ``token``, ``HF_TOKEN`` or the cached ``hf auth login``.
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "student")
+            return push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token)
+
 
 def _data_transform(model: nn.Module, image_size: int | None) -> Any:
     """timm's eval transform for ``model`` (resize, crop, normalize), at ``image_size`` when given."""
@@ -175,18 +193,21 @@ def merge_models(
     output_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    architecture: str | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> MergeResult:
     """Merge two teachers of one architecture into a student of that architecture.
 
-    Teachers are ``nn.Module`` s, local timm directories or Hub ids (``id@revision``); data is a
+    Teachers are ``nn.Module`` s, local timm directories, Hub ids (``id@revision``), or
+    ``.safetensors`` files built as ``timm.create_model(architecture, **model_args)``; data is a
     ``datasets.Dataset`` (image/label columns), a torch Dataset or a DataLoader. Every input is
     checked before any training; with ``output_dir`` the student is saved there at the end.
     """
     config = config or MergeConfig()
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
-    a, info_a = load_teacher(teacher_a)
-    b, info_b = load_teacher(teacher_b)
+    a, info_a = load_teacher(teacher_a, architecture, model_args)
+    b, info_b = load_teacher(teacher_b, architecture, model_args)
     big = concatenate(a, b)
     spec: MergeSpec = big.netmerge_spec
     if not timm.is_model(spec.architecture):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 if TYPE_CHECKING:
     from .api import MergeResult
@@ -33,13 +33,13 @@ def _metrics_table(metrics: dict[str, dict[str, float]]) -> str:
 
 def _gate_table(result: MergeResult) -> str:
     lines = [
-        "| group | size | kept | from A | from B | mean P[g>0] | open in eval | weakest kept gate |",
-        "|---|---|---|---|---|---|---|---|",
+        "| group | size | kept | from A | from B | mean P[g>0] | open in eval | weakest kept gate | final λ |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in result.gate_stats:
         lines.append(
             f"| {s.group} | {s.size} | {s.kept} | {s.kept_from_a} | {s.kept_from_b} | "
-            f"{s.mean_p_open:.3f} | {s.open_fraction:.3f} | {s.min_kept_gate:.3f} |"
+            f"{s.mean_p_open:.3f} | {s.open_fraction:.3f} | {s.min_kept_gate:.3f} | {_fmt(result.final_lambda)} |"
         )
     return "\n".join(lines)
 
@@ -55,18 +55,48 @@ def _teacher_line(label: str, info: dict) -> str:
     return f"- Teacher {label}: `{where}` [{info['source']}]{tail}"
 
 
+_REPORTED = (("teacher_a", "teacher A"), ("teacher_b", "teacher B"), ("ensemble", "ensemble of the teachers"), ("student", "student"))
+
+
+def eval_results(result: MergeResult) -> list[EvalResult]:
+    """``model-index`` entries: the main metric of the teachers, their ensemble and the student."""
+    classification = result.config.task == "classification"
+    metric = "accuracy" if classification else "mse"
+    dataset = result.dataset_names[0] if result.dataset_names else "custom"
+    return [
+        EvalResult(
+            task_type="image-classification" if classification else "tabular-regression",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            metric_type=metric,
+            metric_name=f"{metric} ({label})",
+            metric_value=result.metrics[key][metric],
+        )
+        for key, label in _REPORTED
+        if metric in result.metrics.get(key, {})
+    ]
+
+
 def render_card(result: MergeResult) -> str:
     """The README.md text (YAML front matter + body) for ``result``'s student."""
     hub_ids = [t.hub_id for t in result.teachers if t.hub_id]
+    results = eval_results(result)
     data = ModelCardData(
         library_name="timm",
         tags=["hf_netmerge", "model-merging", "timm", result.config.task],
         base_model=hub_ids or None,
         base_model_relation="merge" if hub_ids else None,
         datasets=result.dataset_names or None,
+        model_name=f"{result.architecture}-netmerge" if results else None,
+        eval_results=results or None,
     )
     cfg = result.config
     stages = "\n".join(f"| {r.stage} | {r.epochs} | {r.steps} | {r.seconds:.1f} |" for r in result.stages)
+    register = (
+        "import hf_netmerge  # registers this architecture with timm: needed before loading\n"
+        if result.architecture.startswith("netmerge_")
+        else ""
+    )
     gap = ", ".join(f"{k} {_fmt(v)}" for k, v in result.function_gap.items()) or "not measured (no eval data)"
     body = f"""
 # {result.architecture} merged with hf_netmerge
@@ -101,12 +131,21 @@ Function gap between the gated big student (eval) and the compressed student bef
 
 ## Usage
 
+With timm:
+
 ```python
 import timm
-import hf_netmerge  # registers hf_netmerge's own architectures (not needed for timm's built-in ones)
+{register}
+model = timm.create_model("hf-hub:<this repo id>", pretrained=True).eval()  # or "local-dir:<this folder>"
+```
 
-model = timm.create_model("hf-hub:<this repo id>", pretrained=True)  # or "local-dir:<this folder>"
-model.eval()
+With transformers (its timm wrapper; `pip install transformers`):
+
+```python
+from transformers import AutoModelForImageClassification, pipeline
+{register}
+model = AutoModelForImageClassification.from_pretrained("<this repo id>")
+classifier = pipeline("image-classification", model="<this repo id>")
 ```
 
 ## Merge config

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import NetMergeError
+import yaml
+
+from .config import MergeConfig
+from .errors import ConfigError, NetMergeError
 from .spec import MergeSpec
 
 
@@ -22,6 +25,46 @@ def _demo(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
     )
     run_demo(cfg, progress=not args.no_progress)
+    return 0
+
+
+def _merge_config(args: argparse.Namespace, task: str) -> MergeConfig:
+    """Defaults, then the data's task, then ``--config``, then ``--set key=value`` overrides."""
+    values: dict = {"task": task}
+    if args.config:
+        values.update(MergeConfig.from_yaml(args.config).to_dict())
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        values[key] = yaml.safe_load(raw)
+    return MergeConfig.from_dict(values)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .api import merge_models
+    from .data import load_data
+    from .validation import check_output_dir
+
+    check_output_dir(args.output_dir, args.overwrite)
+    data = load_data(args.dataset)
+    config = _merge_config(args, data.task)
+    result = merge_models(
+        args.teacher_a,
+        args.teacher_b,
+        data.train,
+        data.eval,
+        config,
+        output_dir=args.output_dir,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        architecture=args.architecture,
+    )
+    for name, values in result.metrics.items():
+        print(f"{name:<24} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    print(f"saved the student to {args.output_dir}")
+    if args.push_to_hub:
+        print(f"pushed: {result.push_to_hub(args.push_to_hub, private=args.private or None)}")
     return 0
 
 
@@ -69,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default=defaults.output_dir, help=f"where results go (default {defaults.output_dir}/)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    merge = sub.add_parser("merge", help="merge two existing checkpoints and save (and optionally publish) the student")
+    merge.add_argument("teacher_a", help="a local timm directory, a Hub id (id@revision) or a .safetensors file")
+    merge.add_argument("teacher_b")
+    merge.add_argument("--dataset", required=True, help="sine, a save_to_disk directory, an image folder or a Hub dataset id")
+    merge.add_argument("--output-dir", required=True, help="where the student is saved (timm layout + model card)")
+    merge.add_argument("--config", help="a MergeConfig YAML file")
+    merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one MergeConfig field")
+    merge.add_argument("--architecture", help="timm architecture of .safetensors teacher files")
+    merge.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the student to this Hub repo in one commit")
+    merge.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    merge.add_argument("--no-progress", action="store_true", help="no progress bars")
+    merge.set_defaults(func=_merge)
 
     inspect = sub.add_parser("inspect", help="print a model's channel groups: what is coupled and where gates go")
     inspect.add_argument("model", help="a timm architecture name, a local timm directory or a Hub id")

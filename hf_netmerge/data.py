@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -149,3 +151,43 @@ def sine_data(size: int, generator: torch.Generator, noise_std: float = 0.2) -> 
     x = torch.rand(size, 1, generator=generator)
     y = torch.sin(10 * math.pi * x) + noise_std * torch.randn(size, 1, generator=generator)
     return TensorBatchDataset(x, y)
+
+
+@dataclass(frozen=True)
+class NamedData:
+    """Training and evaluation data found from a name or path, and the task it implies."""
+
+    train: Any
+    eval: Any | None
+    task: str
+    name: str
+
+
+def load_data(name_or_path: str, seed: int = 0) -> NamedData:
+    """Data for the command line: ``sine`` (generated), a ``save_to_disk`` directory, an image folder, or a Hub dataset id.
+
+    A dataset dict gives its ``train`` split for training and ``validation`` (else ``test``) for evaluation.
+    """
+    if name_or_path == "sine":
+        stream = torch.Generator().manual_seed(seed)
+        return NamedData(sine_data(10_000, stream), sine_data(2_000, stream), "regression", "sine")
+    import datasets
+
+    path = Path(name_or_path)
+    try:
+        if path.is_dir() and any((path / marker).exists() for marker in ("dataset_dict.json", "dataset_info.json", "state.json")):
+            loaded = datasets.load_from_disk(str(path))
+        elif path.is_dir():
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
+        elif path.exists() or name_or_path.startswith((".", "/", "~")):
+            raise DatasetError(f"{name_or_path}: not a dataset directory")
+        else:
+            loaded = datasets.load_dataset(name_or_path)
+    except (OSError, ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise DatasetError(f"cannot load dataset {name_or_path!r}: {e}") from e
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DatasetError(f"dataset {name_or_path!r} has no 'train' split (splits: {list(loaded)})")
+        held_out = next((loaded[s] for s in ("validation", "test") if s in loaded), None)
+        return NamedData(loaded["train"], held_out, "classification", path.name or name_or_path)
+    return NamedData(loaded, None, "classification", path.name or name_or_path)

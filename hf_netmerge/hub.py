@@ -90,8 +90,15 @@ def _load_dir(directory: Path, source: str, reference: str, revision: str | None
     return model, info
 
 
-def load_teacher(ref: nn.Module | str | os.PathLike[str]) -> tuple[nn.Module, TeacherInfo]:
-    """A teacher and its provenance from an ``nn.Module``, a local timm directory, or a Hub id (``id@revision``)."""
+def load_teacher(
+    ref: nn.Module | str | os.PathLike[str], architecture: str | None = None, model_args: dict[str, Any] | None = None
+) -> tuple[nn.Module, TeacherInfo]:
+    """A teacher and its provenance.
+
+    ``ref`` is an ``nn.Module``, a local timm directory (``config.json`` + ``model.safetensors``), a
+    ``.safetensors`` file (then ``architecture`` and optional ``model_args`` say what to build), or a
+    Hub id, optionally ``id@revision``; a Hub revision is resolved to its commit hash.
+    """
     if isinstance(ref, nn.Module):
         return ref, TeacherInfo("module", architecture_name(ref))
     if not isinstance(ref, (str, os.PathLike)):
@@ -99,22 +106,40 @@ def load_teacher(ref: nn.Module | str | os.PathLike[str]) -> tuple[nn.Module, Te
     path = Path(ref)
     if path.is_dir():
         return _load_dir(path, "local-dir", str(path), None)
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if path.is_file():
+        return _load_file(path, architecture, model_args)
+    if str(ref).startswith((".", "/", "~")) or str(ref).endswith(".safetensors"):
+        raise CheckpointError(f"{ref}: no such file or directory")
     return _load_hub(str(ref))
 
 
+def _load_file(path: Path, architecture: str | None, model_args: dict[str, Any] | None) -> tuple[nn.Module, TeacherInfo]:
+    if architecture is None:
+        raise CheckpointError(f"{path}: a weights file needs architecture=... (a timm model name) to be built")
+    if not timm.is_model(architecture):
+        raise CheckpointError(f"{path}: unknown timm architecture {architecture!r}")
+    _check_safetensors_header(path)
+    model = timm.create_model(architecture, pretrained=False, **(model_args or {}))
+    try:
+        model.load_state_dict(safetensors.torch.load_file(str(path), device="cpu"), strict=True)
+    except (safetensors.SafetensorError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: weights do not load into {architecture}: {e}") from e
+    return model, TeacherInfo("file", architecture, str(path), None, _sha256(path))
+
+
 def _load_hub(ref: str) -> tuple[nn.Module, TeacherInfo]:
-    from huggingface_hub import HfApi, hf_hub_download
+    """Fetch ``config.json`` then ``model.safetensors`` at the commit the revision resolved to (works offline from cache)."""
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     repo_id, _, revision = ref.partition("@")
     try:
-        commit = HfApi().model_info(repo_id, revision=revision or None).sha
-        files = [hf_hub_download(repo_id, name, revision=commit) for name in (CONFIG_NAME, WEIGHTS_NAME)]
+        config_path = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None))
+        commit = config_path.parent.name
+        hf_hub_download(repo_id, WEIGHTS_NAME, revision=commit)
     except (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot fetch teacher {ref!r} from the Hub: {e}") from e
-    return _load_dir(Path(files[0]).parent, "hf-hub", repo_id, commit)
+        raise CheckpointError(f"cannot fetch teacher {ref!r} from the Hub: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    return _load_dir(config_path.parent, "hf-hub", repo_id, commit)
 
 
 def timm_config(model: nn.Module, label_names: list[str] | None = None) -> dict[str, Any]:
@@ -171,3 +196,27 @@ def save_student(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Add merged student (hf_netmerge)",
+    token: str | None = None,
+) -> str:
+    """Publish every file of ``folder`` to ``repo_id`` in one commit (the repo and branch are created if needed).
+
+    The token comes from ``token``, ``HF_TOKEN`` or the cached login; it is never logged. Returns the commit URL.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(token=token, library_name="hf_netmerge")
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(folder.iterdir())]
+    info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
+    return info.commit_url

@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import tempfile
+
+# The Hub client reads its endpoint when first imported: point it at the loopback test server
+# (started by the `hub` fixture on this port) and isolate its cache, before anything imports it.
+with socket.socket() as _s:
+    _s.bind(("127.0.0.1", 0))
+    HUB_PORT = _s.getsockname()[1]
+HUB_TOKEN = "hf_sentinel_" + "x9Qz" * 6
+os.environ.update(
+    HF_ENDPOINT=f"http://127.0.0.1:{HUB_PORT}",
+    HF_HUB_DISABLE_XET="1",
+    HF_HUB_DISABLE_TELEMETRY="1",
+    HF_HOME=tempfile.mkdtemp(prefix="netmerge-hf-home-"),
+    HF_TOKEN=HUB_TOKEN,
+)
+
 import numpy as np
 import pytest
 import timm
@@ -44,6 +62,15 @@ def make_teacher(name: str, kwargs: dict, seed: int) -> torch.nn.Module:
         for _ in range(4):
             model(torch.randn(input_shape(model, 16)) * 2 + 0.5)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hub():
+    """A Hub-protocol server on 127.0.0.1 that requires the sentinel token for writes."""
+    from hub_server import HubServer
+
+    with HubServer(HUB_PORT, token=HUB_TOKEN) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,136 @@
+"""Hub round trips with the real huggingface_hub client against the loopback Hub-protocol server."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import timm
+import torch
+from huggingface_hub import ModelCard, hf_hub_download
+from timm.models._hub import save_for_hf
+
+import hf_netmerge as hm
+from hf_netmerge.cli import main
+from hf_netmerge.hub import load_teacher, push_folder
+
+from conftest import HUB_TOKEN, image_dataset, make_teacher
+
+FAST = hm.MergeConfig(gate_epochs=1, finetune_epochs=1, batch_size=16)
+X = torch.randn(3, 3, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return image_dataset(32, 4, seed=0)
+
+
+def _publish_teacher(model, repo_id, tmp_path) -> str:
+    folder = tmp_path / repo_id.replace("/", "__")
+    save_for_hf(model, folder, safe_serialization=True)
+    return push_folder(folder, repo_id).rsplit("/", 1)[-1]
+
+
+@pytest.fixture
+def merged(data):
+    a, b = make_teacher("netmerge_lenet", {"num_classes": 4}, 0), make_teacher("netmerge_lenet", {"num_classes": 4}, 1)
+    return hm.merge_models(a, b, data, data, FAST, progress=False)
+
+
+def test_push_is_one_commit_and_loads_back_with_timm(hub, merged):
+    url = merged.push_to_hub("user/lenet-merged")
+    commits = hub.state.commits("user/lenet-merged")
+    assert len(commits) == 2 and url.endswith(commits[-1].oid)  # the repo's empty initial commit + ours
+    assert sorted(commits[-1].files) == ["README.md", "config.json", "model.safetensors", "netmerge_config.json"]
+    loaded = timm.create_model("hf-hub:user/lenet-merged", pretrained=True).eval()
+    torch.testing.assert_close(loaded(X), merged.student.eval()(X))
+    merged.push_to_hub("user/lenet-merged")
+    assert len(hub.state.commits("user/lenet-merged")) == 3  # every push is exactly one more commit
+    writes = [h for m, p, h in hub.state.log if m == "POST" and p.endswith("/commit/main")]
+    assert writes and all(h.get("authorization") == f"Bearer {HUB_TOKEN}" for h in writes)
+
+
+def test_push_to_a_branch_leaves_main_alone(hub, merged):
+    merged.push_to_hub("user/branchy", revision="v1")
+    repo = hub.state.repos["user/branchy"]
+    assert repo.resolve("main").files == {} and "model.safetensors" in repo.resolve("v1").files
+    loaded = timm.create_model("hf-hub:user/branchy@v1", pretrained=True).eval()
+    torch.testing.assert_close(loaded(X), merged.student.eval()(X))
+
+
+def test_teachers_by_id_and_revision_are_recorded_in_card_and_config(hub, data, tmp_path):
+    a, b = make_teacher("netmerge_lenet", {"num_classes": 4}, 0), make_teacher("netmerge_lenet", {"num_classes": 4}, 1)
+    _publish_teacher(a, "user/teacher-a", tmp_path)
+    commit_b = _publish_teacher(b, "user/teacher-b", tmp_path)
+    _publish_teacher(make_teacher("netmerge_lenet", {"num_classes": 4}, 7), "user/teacher-b", tmp_path)  # a newer main
+    result = hm.merge_models("user/teacher-a", f"user/teacher-b@{commit_b}", data, data, FAST, progress=False)
+    info_a, info_b = result.teachers
+    assert info_a.source == info_b.source == "hf-hub"
+    assert info_a.revision == hub.state.repos["user/teacher-a"].branches["main"] and info_b.revision == commit_b
+    torch.testing.assert_close(result.metrics["teacher_b"]["loss"], hm.merge_models(
+        a, b, data, data, FAST, progress=False).metrics["teacher_b"]["loss"])
+    result.push_to_hub("user/merged-from-hub")
+    card = ModelCard.load(hf_hub_download("user/merged-from-hub", "README.md"))
+    assert card.data.base_model == ["user/teacher-a", "user/teacher-b"] and card.data.base_model_relation == "merge"
+    assert card.data.library_name == "timm" and {"hf_netmerge", "model-merging"} <= set(card.data.tags)
+    names = {r.metric_name for r in card.data.eval_results}
+    assert names == {"accuracy (teacher A)", "accuracy (teacher B)", "accuracy (ensemble of the teachers)", "accuracy (student)"}
+    assert "final λ" in card.text and "| conv1 | 12 | 6 |" in card.text and "Pašen" in card.text
+    assert ModelCard(card.content).content == card.content
+
+
+@pytest.mark.parametrize(
+    "ref,match",
+    [
+        ("user/no-such-repo", "RepositoryNotFound"),
+        ("user/teacher-a@no-such-branch", "RevisionNotFound"),
+        ("user/card-only", "EntryNotFound"),
+    ],
+)
+def test_missing_repo_revision_or_file_is_a_checkpoint_error(hub, tmp_path, ref, match):
+    if not hub.state.repos.get("user/teacher-a"):
+        _publish_teacher(make_teacher("netmerge_lenet", {"num_classes": 4}, 0), "user/teacher-a", tmp_path)
+    if "user/card-only" not in hub.state.repos:
+        (tmp_path / "card").mkdir()
+        (tmp_path / "card" / "config.json").write_text('{"architecture": "netmerge_lenet", "num_classes": 4}')
+        push_folder(tmp_path / "card", "user/card-only")
+    with pytest.raises(hm.CheckpointError, match=match):
+        load_teacher(ref)
+
+
+def test_offline_and_not_cached_is_a_checkpoint_error(hub, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(hm.CheckpointError, match="Offline|offline|LocalEntryNotFound"):
+        load_teacher("user/never-downloaded")
+
+
+def test_cli_merge_and_push_never_reveal_the_token(hub, data, tmp_path, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    teachers = []
+    for i, seed in enumerate((0, 1)):
+        folder = tmp_path / f"t{i}"
+        save_for_hf(make_teacher("netmerge_lenet", {"num_classes": 4}, seed), folder, safe_serialization=True)
+        teachers.append(str(folder))
+    data.save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "student"
+    code = main(["merge", *teachers, "--dataset", str(tmp_path / "data"), "--output-dir", str(out), "--set", "gate_epochs=1",
+                 "--set", "finetune_epochs=1", "--set", "batch_size=16", "--push-to-hub", "user/from-cli", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr()
+    assert "pushed: http://127.0.0.1" in printed.out
+    assert len(hub.state.commits("user/from-cli")) == 2
+    texts = [printed.out, printed.err, caplog.text]
+    texts += [p.read_bytes().decode("utf-8", "replace") for p in tmp_path.rglob("*") if p.is_file()]
+    assert not any(HUB_TOKEN in t for t in texts)
+    assert main(["merge", *teachers, "--dataset", str(tmp_path / "data"), "--output-dir", str(out)]) == 2  # exists
+
+
+def test_transformers_loads_the_student_with_the_same_logits(hub, merged, data):
+    transformers = pytest.importorskip("transformers")
+    merged.push_to_hub("user/for-transformers")
+    model = transformers.AutoModelForImageClassification.from_pretrained("user/for-transformers").eval()
+    torch.testing.assert_close(model(pixel_values=X).logits, merged.student.eval()(X))
+    predictions = transformers.pipeline("image-classification", model="user/for-transformers")(data[0]["image"])
+    assert {p["label"] for p in predictions} <= {f"class_{i}" for i in range(4)}
