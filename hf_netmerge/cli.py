@@ -1,4 +1,4 @@
-"""Command line: ``hf-netmerge demo`` (also ``python -m hf_netmerge``), a thin layer over the library."""
+"""Command line ``hf-netmerge`` (also ``python -m hf_netmerge``): ``demo``, ``merge``, ``inspect``; a thin layer over the library."""
 
 from __future__ import annotations
 
