@@ -16,18 +16,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .adapters import resolve_spec
 from .card import render_card
 from .config import MergeConfig
-from .data import as_torch_dataset, check_dataset, is_hf_dataset, make_loader
+from .data import make_loader, prepare_dataset
 from .errors import UnsupportedModelError
 from .gates import GatedModel, GateRegularizer, GroupStats, add_gates, gates_removed
 from .hub import TeacherInfo, load_teacher, push_folder, save_student
 from .spec import MergeSpec
 from .surgery import select_model, widen_model
 from .training import MeanEnsemble, StageReport, evaluate, make_accelerator, predict, train_stage
+from .training.checkpoint import CheckpointDir
 from .validation import check_output_dir, check_teachers
 
 
@@ -148,24 +149,6 @@ class MergeResult:
             return push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token)
 
 
-def _data_transform(model: nn.Module, image_size: int | None) -> Any:
-    """timm's eval transform for ``model`` (resize, crop, normalize), at ``image_size`` when given."""
-    from timm.data import create_transform, resolve_data_config
-
-    args = {"input_size": (getattr(model, "in_chans", 3), image_size, image_size)} if image_size else {}
-    return create_transform(**resolve_data_config(args, model=model), is_training=False)
-
-
-def _prepare_data(
-    data: Any, model: nn.Module, config: MergeConfig, num_classes: int, min_size: int, label: str
-) -> Dataset:
-    mode = "L" if getattr(model, "in_chans", 3) == 1 else "RGB"
-    transform = _data_transform(model, config.image_size) if is_hf_dataset(data) else None
-    dataset = as_torch_dataset(data, config.image_column, config.label_column, transform, mode)
-    check_dataset(dataset, config.task, num_classes, min_size=min_size, label=label)
-    return dataset
-
-
 def _dataset_name(data: Any) -> list[str]:
     name = getattr(getattr(data, "info", None), "dataset_name", None)
     return [name] if name else []
@@ -195,13 +178,15 @@ def merge_models(
     progress: bool = True,
     architecture: str | None = None,
     model_args: dict[str, Any] | None = None,
+    checkpoints: CheckpointDir | None = None,
 ) -> MergeResult:
     """Merge two teachers of one architecture into a student of that architecture.
 
     Teachers are ``nn.Module`` s, local timm directories, Hub ids (``id@revision``), or
     ``.safetensors`` files built as ``timm.create_model(architecture, **model_args)``; data is a
     ``datasets.Dataset`` (image/label columns), a torch Dataset or a DataLoader. Every input is
-    checked before any training; with ``output_dir`` the student is saved there at the end.
+    checked before any training; with ``output_dir`` the student is saved there at the end. With
+    ``checkpoints``, the gate and fine-tune stages checkpoint there and resume from it.
     """
     config = config or MergeConfig()
     if output_dir is not None:
@@ -215,10 +200,19 @@ def merge_models(
             f"{spec.architecture!r} is not a timm architecture; create teachers with timm.create_model so the student can be saved"
         )
     num_classes = int(getattr(a, "num_classes", 0))
-    train_set = _prepare_data(train_data, a, config, num_classes, config.batch_size, "train_data")
-    eval_set = _prepare_data(eval_data, a, config, num_classes, 1, "eval_data") if eval_data is not None else None
+    prepare = functools.partial(
+        prepare_dataset,
+        model=a,
+        task=config.task,
+        num_classes=num_classes,
+        image_column=config.image_column,
+        label_column=config.label_column,
+        image_size=config.image_size,
+    )
+    train_set = prepare(train_data, min_size=config.batch_size, label="train_data")
+    eval_set = prepare(eval_data, min_size=1, label="eval_data") if eval_data is not None else None
 
-    accelerator = accelerator or make_accelerator(config.mixed_precision)
+    accelerator = accelerator or make_accelerator(config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
     set_seed(config.seed)
     train_loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers)
     eval_loader = make_loader(eval_set, config.batch_size, shuffle=False) if eval_set is not None else None
@@ -230,8 +224,18 @@ def merge_models(
     metrics["big_student"] = measure(big)
     gated = add_gates(big, config.gate_init_mean, config.gate_init_std)
     regularizer = GateRegularizer(gated, config.lambda_init, config.lambda_growth)
+    checkpoints = checkpoints or CheckpointDir(None)
     train = functools.partial(train_stage, loader=train_loader, task=config.task, accelerator=accelerator, progress=progress)
-    stages = [train(gated, stage=config.gate_stage(), name="gates", regularizer=regularizer, gate_lr=config.gate_lr)]
+    stages = [
+        train(
+            gated,
+            stage=config.gate_stage(),
+            name="gates",
+            regularizer=regularizer,
+            gate_lr=config.gate_lr,
+            checkpoint=checkpoints("gates"),
+        )
+    ]
     final_lambda = stages[0].history[-1]["lambda"]
     metrics["gated_big_student"] = measure(gated)
     student = compress(gated)
@@ -241,7 +245,7 @@ def merge_models(
     gate_stats = gated.statistics()
     del gated, big
     if config.finetune_epochs > 0:
-        stages.append(train(student, stage=config.finetune_stage(), name="finetune"))
+        stages.append(train(student, stage=config.finetune_stage(), name="finetune", checkpoint=checkpoints("finetune")))
     student.eval()
     metrics["student"] = measure(student)
     result = MergeResult(

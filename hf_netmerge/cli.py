@@ -1,4 +1,4 @@
-"""Command line ``hf-netmerge`` (also ``python -m hf_netmerge``): ``demo``, ``merge``, ``inspect``; a thin layer over the library."""
+"""Command line ``hf-netmerge`` (also ``python -m hf_netmerge``): ``demo``, ``merge``, ``run``, ``inspect``."""
 
 from __future__ import annotations
 
@@ -68,6 +68,19 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .config import RecipeConfig, apply_overrides
+    from .training.recipe import run_recipe
+
+    try:
+        data = yaml.safe_load(open(args.recipe).read()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read recipe {args.recipe}: {e}") from e
+    recipe = RecipeConfig.from_dict(apply_overrides(data, args.overrides))
+    run_recipe(recipe, args.output_dir or f"runs/{recipe.name}", overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     import timm
 
@@ -126,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     merge.add_argument("--no-progress", action="store_true", help="no progress bars")
     merge.set_defaults(func=_merge)
+
+    run = sub.add_parser("run", help="a whole experiment from a recipe: teachers, merge, fine-tune, baselines")
+    run.add_argument("recipe", help="a recipe YAML file (see recipes/)")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. seeds=[0,1] merge.gate_epochs=3")
+    run.add_argument("--output-dir", help="where checkpoints and results go (default runs/<recipe name>); rerun to resume")
+    run.add_argument("--overwrite", action="store_true", help="replace an output directory holding another run")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
 
     inspect = sub.add_parser("inspect", help="print a model's channel groups: what is coupled and where gates go")
     inspect.add_argument("model", help="a timm architecture name, a local timm directory or a Hub id")

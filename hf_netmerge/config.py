@@ -45,6 +45,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         (item,) = get_args(tp)[:1] or (Any,)
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping with string keys, got {value!r}")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, TypedConfig):
+        try:
+            return tp.from_dict(value)
+        except ConfigError as e:
+            raise ConfigError(f"{key}.{e}") from e
     if tp is Any:
         return value
     if tp is bool:
@@ -76,11 +85,14 @@ class TypedConfig:
         """Build and validate; refuses unknown keys, wrong types and other versions with :class:`ConfigError`."""
         if not isinstance(data, dict):
             raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
-        hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+        try:
+            hints = typing.get_type_hints(cls)
+        except NameError as e:  # a forward reference not resolvable here
+            raise ConfigError(str(e)) from e
         version = data.get("version", CONFIG_VERSION)
         if version != CONFIG_VERSION:
             raise ConfigError(f"{cls.__name__}: config version {version!r} is not supported (expected {CONFIG_VERSION})")
@@ -119,7 +131,8 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclass
 class StageConfig(TypedConfig):
-    """One training stage: SGD with momentum and a multi-step learning-rate decay (milestones in epochs)."""
+    """One training stage: SGD with momentum, optional linear warm-up over ``warmup_epochs``, the learning rate
+    multiplied by ``lr_gamma`` at each of ``milestones`` (epochs), optional gradient clipping."""
 
     epochs: int = 1
     lr: float = 0.01
@@ -127,10 +140,14 @@ class StageConfig(TypedConfig):
     weight_decay: float = 0.0
     milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
+    warmup_epochs: int = 0
+    max_grad_norm: float | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
+        _check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -169,9 +186,12 @@ class MergeConfig(TypedConfig):
     label_column: str = "label"
     image_size: int | None = None
     num_workers: int = 0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
+        _check(self.gradient_accumulation_steps >= 1, f"gradient_accumulation_steps must be >= 1: {self.gradient_accumulation_steps}")
         _check(self.image_size is None or self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
         _check(self.gate_epochs >= 1, f"gate_epochs must be >= 1, got {self.gate_epochs}")
         _check(self.finetune_epochs >= 0, f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
@@ -186,7 +206,9 @@ class MergeConfig(TypedConfig):
 
     def gate_stage(self) -> StageConfig:
         """The weights' schedule during the gate stage (constant learning rate)."""
-        return StageConfig(epochs=self.gate_epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return StageConfig(
+            epochs=self.gate_epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm
+        )
 
     def finetune_stage(self) -> StageConfig:
         """The student's fine-tuning schedule."""
@@ -196,4 +218,137 @@ class MergeConfig(TypedConfig):
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             milestones=list(self.finetune_milestones),
+            max_grad_norm=self.max_grad_norm,
+        )
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` with dotted ``key=value`` overrides applied (values parsed as YAML: ``3``, ``0.1``, ``[1, 2]``, ``bf16``)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: {e}") from e
+    return data
+
+
+@dataclass
+class DataConfig(TypedConfig):
+    """Where a recipe's data comes from (see :func:`hf_netmerge.data.load_data`) and how it is split.
+
+    ``val_fraction`` of the training set is held out (same split for every strategy) to pick bo3's
+    model when the dataset has no validation split of its own; the test split scores everything.
+    """
+
+    dataset: str = "sine"
+    image_column: str = "image"
+    label_column: str = "label"
+    image_size: int | None = None
+    val_fraction: float = 0.1
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("max_train_samples", "max_test_samples"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"{name} must be >= 1, got {value}")
+
+
+@dataclass
+class PruningConfig(TypedConfig):
+    """The channel-pruning baseline: a double-width network trained, pruned to half, fine-tuned.
+
+    Channels go in ``prune_epochs`` equal steps, least important first by first-order Taylor
+    importance (Molchanov et al. 2019): the squared gradient of the loss w.r.t. a per-channel mask.
+    """
+
+    train: StageConfig = field(default_factory=StageConfig)
+    prune_epochs: int = 1
+    prune_lr: float = 0.01
+    finetune: StageConfig = field(default_factory=StageConfig)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        _check(self.prune_epochs >= 1, f"prune_epochs must be >= 1, got {self.prune_epochs}")
+        _check(self.prune_lr > 0, f"prune_lr must be > 0, got {self.prune_lr}")
+
+
+Baseline = Literal["bo3", "one_model", "pruning"]
+# MergeConfig fields a recipe sets once for every strategy, at its top level.
+RECIPE_OWNED = (
+    "task", "batch_size", "mixed_precision", "seed", "image_column", "label_column", "image_size", "gradient_accumulation_steps"
+)
+
+
+@dataclass
+class RecipeConfig(TypedConfig):
+    """A whole experiment: teachers (trained, or given), the merge, and the baselines at the same budget."""
+
+    name: str = "experiment"
+    architecture: str = "netmerge_sine_mlp"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    task: Task = "classification"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    batch_size: int = 64
+    mixed_precision: MixedPrecision = "no"
+    gradient_accumulation_steps: int = 1
+    threads: int | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: list[str] = field(default_factory=list)
+    teacher: StageConfig = field(default_factory=StageConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    baselines: list[Baseline] = field(default_factory=lambda: ["bo3", "one_model"])
+    one_model: StageConfig = field(default_factory=StageConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    checkpoint_every: int = 1
+    log_with: list[str] = field(default_factory=list)
+    version: int = CONFIG_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecipeConfig:
+        owned = sorted(set(RECIPE_OWNED) & set((data or {}).get("merge") or {}))
+        if owned:
+            raise ConfigError(f"merge: {owned} are set once for every strategy, at the recipe's top level")
+        return super().from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict; the merge section leaves out what the recipe sets at its top level."""
+        data = super().to_dict()
+        data["merge"] = {k: v for k, v in data["merge"].items() if k not in RECIPE_OWNED}
+        return data
+
+    def __post_init__(self) -> None:
+        _check(bool(self.seeds), "seeds must not be empty")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _check(len(self.teachers) in (0, 2), f"teachers must list two checkpoints or none, got {len(self.teachers)}")
+        _check(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _check(len(set(self.baselines)) == len(self.baselines), f"baselines repeat: {self.baselines}")
+        _check(set(self.log_with) <= {"tensorboard"}, f"log_with supports 'tensorboard', got {self.log_with}")
+
+    def merge_config(self, seed: int) -> MergeConfig:
+        """The merge section completed with the recipe-wide settings."""
+        return dataclasses.replace(
+            self.merge,
+            task=self.task,
+            batch_size=self.batch_size,
+            mixed_precision=self.mixed_precision,
+            seed=seed,
+            image_column=self.data.image_column,
+            label_column=self.data.label_column,
+            image_size=self.data.image_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
         )

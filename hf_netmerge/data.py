@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .errors import DatasetError
@@ -138,6 +139,51 @@ def check_dataset(dataset: Dataset, task: str, num_classes: int, min_size: int =
         raise DatasetError(f"{label}: regression targets hold NaN or Inf")
 
 
+def model_transform(model: nn.Module, image_size: int | None = None) -> Callable:
+    """timm's eval transform for ``model`` (resize, crop, normalize), at ``image_size`` when given."""
+    from timm.data import create_transform, resolve_data_config
+
+    args = {"input_size": (getattr(model, "in_chans", 3), image_size, image_size)} if image_size else {}
+    return create_transform(**resolve_data_config(args, model=model), is_training=False)
+
+
+def prepare_dataset(
+    data: Any,
+    *,
+    model: nn.Module,
+    task: str,
+    num_classes: int,
+    image_column: str = "image",
+    label_column: str = "label",
+    image_size: int | None = None,
+    min_size: int = 1,
+    label: str = "data",
+) -> Dataset:
+    """``data`` as a checked torch Dataset for ``model``: images through its timm transform, labels in range."""
+    mode = "L" if getattr(model, "in_chans", 3) == 1 else "RGB"
+    transform = model_transform(model, image_size) if is_hf_dataset(data) else None
+    dataset = as_torch_dataset(data, image_column, label_column, transform, mode)
+    check_dataset(dataset, task, num_classes, min_size=min_size, label=label)
+    return dataset
+
+
+def subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
+    """The examples ``indices`` of ``dataset``, keeping in-memory tensors and HF columns cheap to read."""
+    if isinstance(dataset, TensorBatchDataset):
+        return TensorBatchDataset(dataset.inputs[indices], dataset.targets[indices])
+    if isinstance(dataset, HFImageDataset):
+        rows = dataset.ds.select(indices.tolist())
+        return HFImageDataset(rows, dataset.image_column, dataset.label_column, dataset.transform, dataset.mode)
+    return torch.utils.data.Subset(dataset, indices.tolist())
+
+
+def split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A seeded random (1 - fraction, fraction) split: the training and validation sets."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    held = max(1, round(len(dataset) * fraction))
+    return subset(dataset, order[held:].sort().values), subset(dataset, order[:held].sort().values)
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
     """A DataLoader with a seeded shuffle generator (reproducible order) and batch-aware collation."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
@@ -153,6 +199,45 @@ def sine_data(size: int, generator: torch.Generator, noise_std: float = 0.2) -> 
     return TensorBatchDataset(x, y)
 
 
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+# Short names for the paper's datasets on the Hub (used when online): name -> (repo id, config).
+HUB_ALIASES = {
+    "cifar10": ("uoft-cs/cifar10", None),
+    "cifar100": ("uoft-cs/cifar100", None),
+    "imagewoof": ("frgfm/imagewoof", "320px"),
+    "imagenet": ("ILSVRC/imagenet-1k", None),
+}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX array (the MNIST file format: big-endian dims after a 4-byte magic), gzipped or not."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise DatasetError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DatasetError(f"{path} is truncated")
+    return body.reshape(dims)
+
+
+def fashion_mnist(split: str, directory: Path = FASHION_MNIST_DIR) -> TensorBatchDataset:
+    """Fashion-MNIST from the IDX files of Debian's ``dataset-fashion-mnist`` package, as normalized 1×28×28 tensors."""
+    prefix = "train" if split == "train" else "t10k"
+    images_path, labels_path = directory / f"{prefix}-images-idx3-ubyte.gz", directory / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images_path.exists() or not labels_path.exists():
+        raise DatasetError(f"Fashion-MNIST not found in {directory}; install it with: apt-get install dataset-fashion-mnist")
+    images = torch.from_numpy(_read_idx(images_path).copy()).float().div_(255).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
+    labels = torch.from_numpy(_read_idx(labels_path).astype(np.int64))
+    return TensorBatchDataset(images.unsqueeze(1), labels)
+
+
 @dataclass(frozen=True)
 class NamedData:
     """Training and evaluation data found from a name or path, and the task it implies."""
@@ -164,14 +249,20 @@ class NamedData:
 
 
 def load_data(name_or_path: str, seed: int = 0) -> NamedData:
-    """Data for the command line: ``sine`` (generated), a ``save_to_disk`` directory, an image folder, or a Hub dataset id.
+    """Data by name or path: ``sine`` (generated from ``seed``), ``fashion_mnist`` (Debian's package), a
+    ``save_to_disk`` directory, an image folder, or a Hub dataset id or alias (``cifar10``, ``cifar100``,
+    ``imagewoof``, ``imagenet``; needs the Hub or its cache).
 
     A dataset dict gives its ``train`` split for training and ``validation`` (else ``test``) for evaluation.
     """
     if name_or_path == "sine":
-        stream = torch.Generator().manual_seed(seed)
-        return NamedData(sine_data(10_000, stream), sine_data(2_000, stream), "regression", "sine")
+        train = sine_data(10_000, torch.Generator().manual_seed(seed))
+        return NamedData(train, sine_data(10_000, torch.Generator().manual_seed(1_000_003 + seed)), "regression", "sine")
+    if name_or_path == "fashion_mnist":
+        return NamedData(fashion_mnist("train"), fashion_mnist("test"), "classification", "fashion_mnist")
     import datasets
+
+    name_or_path, config_name = HUB_ALIASES.get(name_or_path, (name_or_path, None))
 
     path = Path(name_or_path)
     try:
@@ -182,7 +273,7 @@ def load_data(name_or_path: str, seed: int = 0) -> NamedData:
         elif path.exists() or name_or_path.startswith((".", "/", "~")):
             raise DatasetError(f"{name_or_path}: not a dataset directory")
         else:
-            loaded = datasets.load_dataset(name_or_path)
+            loaded = datasets.load_dataset(name_or_path, config_name)
     except (OSError, ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         raise DatasetError(f"cannot load dataset {name_or_path!r}: {e}") from e
     if isinstance(loaded, datasets.DatasetDict):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from .api import MergeResult, merge_models
 from .config import MergeConfig, StageConfig
 from .data import TensorBatchDataset, make_loader, sine_data
 from .training import evaluate, make_accelerator, predict
+from .training import report
 from .training.strategies import best_of, train_one
 
 ARCHITECTURE = "netmerge_sine_mlp"
@@ -121,32 +121,13 @@ def run_seed(
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Min/median/mean/max/std of test MSE per strategy, and the student's wins against each baseline."""
-    summary: dict[str, Any] = {}
-    for name in (*STRATEGIES, "teacher_a", "teacher_b"):
-        values = [r[name] for r in runs]
-        summary[name] = {
-            "min": min(values),
-            "median": statistics.median(values),
-            "mean": statistics.fmean(values),
-            "max": max(values),
-            "std": statistics.pstdev(values),
-        }
-    summary["student_wins"] = {b: sum(r["student"] < r[b] for r in runs) for b in ("bo3", "one_model")}
-    summary["seeds"] = len(runs)
-    return summary
+    """Test-MSE statistics per strategy (and teacher) over seeds, and the student's wins against each baseline."""
+    return report.summarize(runs, [*STRATEGIES, "teacher_a", "teacher_b"], higher_is_better=False, baselines=["bo3", "one_model"])
 
 
 def format_table(summary: dict[str, Any]) -> str:
     """A plain-text table of the summary."""
-    lines = [f"{'strategy':<12} {'min':>8} {'median':>8} {'mean':>8} {'max':>8}   (test MSE, {summary['seeds']} seeds)"]
-    for name in STRATEGIES:
-        s = summary[name]
-        lines.append(f"{name:<12} {s['min']:>8.4f} {s['median']:>8.4f} {s['mean']:>8.4f} {s['max']:>8.4f}")
-    wins = summary["student_wins"]
-    seeds = summary["seeds"]
-    lines.append(f"student better than bo3 in {wins['bo3']}/{seeds} seeds, than one model in {wins['one_model']}/{seeds}")
-    return "\n".join(lines)
+    return report.text_table(summary, list(STRATEGIES), "MSE")
 
 
 def plot_curves(curves: dict[str, list[torch.Tensor]], grid: torch.Tensor, data: TensorBatchDataset, path: Path) -> None:

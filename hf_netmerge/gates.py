@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -58,6 +58,10 @@ class HardConcreteGate(nn.Module):
         """Forget this forward pass's noise sample."""
         self._sample = None
 
+    def scores(self) -> torch.Tensor:
+        """Channel importance for compression: ``log_alpha``."""
+        return self.log_alpha
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             if self._sample is None:
@@ -69,6 +73,46 @@ class HardConcreteGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}"
+
+
+class TaylorMask(nn.Module):
+    """A fixed 0/1 channel mask that measures first-order Taylor importance (Molchanov et al. 2019).
+
+    Each backward adds, per channel, ``(Σ_batch,space activation·gradient)²``, the squared derivative
+    of the loss w.r.t. a multiplicative gate at 1. :meth:`prune` closes the least important open channels.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("mask", torch.ones(size))
+        self.register_buffer("importance", torch.zeros(size))
+
+    def clear_sample(self) -> None:
+        """Masks draw no noise."""
+
+    def scores(self) -> torch.Tensor:
+        """Open channels first (then by importance): compression keeps exactly the open ones when half are open."""
+        return self.mask * (1.0 + self.importance.max()) + self.importance
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x * self.mask.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+        if self.training and out.requires_grad:
+            dims = [d for d in range(out.dim()) if d != 1]
+            saved = out.detach()
+
+            def accumulate(grad: torch.Tensor) -> None:
+                self.importance.add_((grad.float() * saved.float()).sum(dims) ** 2)
+
+            out.register_hook(accumulate)
+        return out
+
+    def prune(self, count: int) -> None:
+        """Close the ``count`` open channels of lowest importance (ties by index) and reset the importance."""
+        open_index = torch.nonzero(self.mask, as_tuple=True)[0]
+        order = torch.argsort(self.importance[open_index], stable=True)[:count]
+        self.mask[open_index[order]] = 0.0
+        self.importance.zero_()
 
 
 class GateSite(nn.Module):
@@ -103,13 +147,25 @@ class GroupStats:
 
 
 class GatedModel(nn.Module):
-    """A big student with a hard-concrete gate on every channel group (see :func:`add_gates`)."""
+    """A big student with a gate on every channel group (see :func:`add_gates`).
 
-    def __init__(self, model: nn.Module, spec: MergeSpec, init_mean: float = 1.0, init_std: float = 0.01) -> None:
+    Gates are hard-concrete by default; ``make_gate(size)`` builds another kind (the pruning
+    baseline's :class:`TaylorMask`). Every gate ranks its channels by ``scores()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: MergeSpec,
+        init_mean: float = 1.0,
+        init_std: float = 0.01,
+        make_gate: Callable[[int], nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.spec = spec
-        self.gates = nn.ModuleDict({g.name: HardConcreteGate(2 * g.size, init_mean, init_std) for g in spec.groups})
+        make_gate = make_gate or (lambda size: HardConcreteGate(size, init_mean, init_std))
+        self.gates = nn.ModuleDict({g.name: make_gate(2 * g.size) for g in spec.groups})
         for g in spec.groups:
             for site in g.gate_sites:
                 replace_module(model, site, GateSite(model.get_submodule(site), self.gates[g.name]))
@@ -122,8 +178,8 @@ class GatedModel(nn.Module):
                 gate.clear_sample()
 
     def gate_parameters(self) -> list[nn.Parameter]:
-        """The gates' ``log_alpha`` parameters (they get their own optimizer)."""
-        return [gate.log_alpha for gate in self.gates.values()]
+        """The gates' parameters (hard-concrete ``log_alpha``; they get their own optimizer)."""
+        return [p for gate in self.gates.values() for p in gate.parameters()]
 
     def half_penalty(self) -> torch.Tensor:
         """Σ over groups of (½ − mean P[g>0])²: zero when every group keeps half its channels open."""
@@ -131,11 +187,11 @@ class GatedModel(nn.Module):
         return torch.stack(terms).sum()
 
     def keep_indices(self) -> dict[str, torch.Tensor]:
-        """Per group, the half of the channels with the highest ``log_alpha`` (ties by index), in original order."""
+        """Per group, the half of the channels with the highest scores (``log_alpha``; ties by index), in original order."""
         keep = {}
         for g in self.spec.groups:
-            log_alpha = self.gates[g.name].log_alpha.detach().cpu()
-            order = torch.argsort(-log_alpha, stable=True)[: g.size]
+            scores = self.gates[g.name].scores().detach().cpu()
+            order = torch.argsort(-scores, stable=True)[: g.size]
             keep[g.name] = torch.sort(order).values
         return keep
 
@@ -233,6 +289,12 @@ class GateRegularizer:
 
     def end_epoch(self) -> None:
         self.schedule.step()
+
+    def state_dict(self) -> dict[str, float]:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.schedule.load_state_dict(state)
 
     def log(self) -> dict[str, float]:
         """λ, the penalty and each group's mean P[g>0], for trackers."""

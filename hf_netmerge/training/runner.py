@@ -10,19 +10,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType
+from accelerate.utils import DataLoaderConfiguration, DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import StageConfig
 from ..errors import ConfigError, NonFiniteLossError
+from .checkpoint import StageCheckpoint
 
 
 class Regularizer(Protocol):
@@ -35,6 +36,10 @@ class Regularizer(Protocol):
     def end_epoch(self) -> None: ...
 
     def log(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, float]: ...
+
+    def load_state_dict(self, state: dict[str, float]) -> None: ...
 
 
 @dataclass
@@ -52,11 +57,18 @@ class StageReport:
         return asdict(self)
 
 
-def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, **kwargs: Any) -> Accelerator:
+def make_accelerator(
+    mixed_precision: str = "no",
+    cpu: bool | None = None,
+    gradient_accumulation_steps: int = 1,
+    log_with: list[str] | None = None,
+    project_dir: str | None = None,
+) -> Accelerator:
     """An Accelerator for ``mixed_precision``, on CPU when no GPU is present.
 
-    Accelerate fixes the precision once per process; asking for another one later is refused
-    with :class:`ConfigError` instead of Accelerate's generic error.
+    Batches are split across processes (``batch_size`` is the global batch), so one and several
+    processes see the same data per optimizer step. Accelerate fixes the precision once per process;
+    asking for another one later, or fp16 on a CPU, is refused with :class:`ConfigError`.
     """
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
         raise ConfigError(
@@ -65,7 +77,16 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, **kwa
         )
     if cpu is None:
         cpu = not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
+    if cpu and mixed_precision == "fp16":
+        raise ConfigError("mixed_precision='fp16' needs a GPU; use 'bf16' on a CPU")
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=cpu,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        log_with=log_with or None,
+        project_dir=project_dir,
+    )
 
 
 def _optimizer_needs_accelerate(accelerator: Accelerator) -> bool:
@@ -86,6 +107,16 @@ def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Te
     return F.mse_loss(output, target.float().view_as(output))
 
 
+def lr_factor(stage: StageConfig) -> Callable[[int], float]:
+    """The learning-rate multiplier per epoch: linear warm-up, then ×``lr_gamma`` at each milestone."""
+
+    def factor(epoch: int) -> float:
+        warm = min(1.0, (epoch + 1) / stage.warmup_epochs) if stage.warmup_epochs else 1.0
+        return warm * stage.lr_gamma ** sum(epoch >= m for m in stage.milestones)
+
+    return factor
+
+
 def train_stage(
     model: nn.Module,
     loader: DataLoader,
@@ -96,60 +127,127 @@ def train_stage(
     name: str,
     regularizer: Regularizer | None = None,
     gate_lr: float = 0.1,
+    checkpoint: StageCheckpoint | None = None,
     progress: bool = True,
 ) -> StageReport:
     """Train ``model`` in place for ``stage.epochs`` epochs; returns the stage's report.
 
-    Weights use SGD with momentum and a multi-step decay at ``stage.milestones`` (epochs). With a
-    ``regularizer``, its loss is added each step and its parameters (kept fp32) get Adam at a
-    constant ``gate_lr`` without weight decay.
+    Weights use SGD with momentum under :func:`lr_factor`'s schedule, with gradient accumulation
+    (the accelerator's ``gradient_accumulation_steps``) and optional clipping. With a ``regularizer``,
+    its loss is added each step and its parameters (kept fp32) get Adam at a constant ``gate_lr``
+    without weight decay. With a ``checkpoint``, the stage resumes from its newest complete checkpoint
+    and writes one at epoch boundaries. Metrics go to the accelerator's trackers as ``<name>/...``.
     """
     extra = regularizer.parameters() if regularizer is not None else []
     extra_ids = {id(p) for p in extra}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in extra_ids]
     optimizer = torch.optim.SGD(weights, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=stage.milestones, gamma=stage.lr_gamma)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(stage))
     optimizers = [optimizer]
     if extra:
         optimizers.append(torch.optim.Adam(extra, lr=gate_lr, weight_decay=0.0, foreach=True))
+    report = StageReport(stage=name, epochs=stage.epochs, steps=0, seconds=0.0, samples=0)
+    start_epoch = _resume(checkpoint, model, optimizers, scheduler, regularizer, loader, report)
     if _optimizer_needs_accelerate(accelerator):
         optimizers = list(accelerator.prepare(*optimizers)) if len(optimizers) > 1 else [accelerator.prepare(optimizers[0])]
     train_model, train_loader = accelerator.prepare(model, loader)
-    report = StageReport(stage=name, epochs=stage.epochs, steps=0, seconds=0.0, samples=0)
-    bar = tqdm(range(stage.epochs), desc=name, leave=False, disable=not (progress and accelerator.is_local_main_process))
+    bar = tqdm(
+        range(start_epoch, stage.epochs),
+        desc=name,
+        leave=False,
+        initial=start_epoch,
+        total=stage.epochs,
+        disable=not (progress and accelerator.is_local_main_process),
+    )
     start = time.perf_counter()
     train_model.train()
     for epoch in bar:
+        epoch_start = time.perf_counter()
         total = torch.zeros((), device=accelerator.device)
         seen = 0
         for inputs, targets in train_loader:
-            loss = task_loss(task, train_model(inputs), targets)
-            objective = loss
-            if regularizer is not None:
-                objective = loss + regularizer.loss()[0]
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            accelerator.backward(objective)
-            for opt in optimizers:
-                opt.step()
+            with accelerator.accumulate(train_model):
+                loss = task_loss(task, train_model(inputs), targets)
+                objective = loss + regularizer.loss()[0] if regularizer is not None else loss
+                accelerator.backward(objective)
+                if accelerator.sync_gradients:
+                    if stage.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(weights, stage.max_grad_norm)
+                    for opt in optimizers:
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    report.steps += 1
             total += loss.detach() * len(targets)
             seen += len(targets)
-            report.steps += 1
-        epoch_loss = float(total) / max(seen, 1)
+        count = accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum")
+        epoch_loss = float(accelerator.reduce(total, "sum")) / max(int(count), 1)
         if not math.isfinite(epoch_loss):
             raise NonFiniteLossError(f"stage {name!r}: training loss became {epoch_loss} in epoch {epoch + 1}")
-        entry = {"epoch": epoch + 1, "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"]}
+        entry = {
+            "epoch": epoch + 1,
+            "loss": epoch_loss,
+            "lr": optimizer.param_groups[0]["lr"],
+            "samples_per_second": seen * accelerator.num_processes / (time.perf_counter() - epoch_start),
+        }
         scheduler.step()
         if regularizer is not None:
             entry.update(regularizer.log())
             regularizer.end_epoch()
         report.history.append(entry)
         report.samples += seen
+        accelerator.log({f"{name}/{k}": v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
         bar.set_postfix(loss=f"{epoch_loss:.4g}")
-    report.seconds = time.perf_counter() - start
+        if checkpoint is not None and checkpoint.due(epoch + 1, stage.epochs):
+            accelerator.wait_for_everyone()
+            checkpoint.save(epoch + 1, _stage_state(model, optimizers, scheduler, regularizer, loader, report))
+    report.seconds += time.perf_counter() - start
     accelerator.unwrap_model(train_model, keep_fp32_wrapper=False)
     accelerator.free_memory()
     return report
+
+
+def _unwrapped(opt: Any) -> torch.optim.Optimizer:
+    return getattr(opt, "optimizer", opt)
+
+
+def _stage_state(
+    model: nn.Module, optimizers: list, scheduler: Any, regularizer: Regularizer | None, loader: DataLoader, report: StageReport
+) -> dict[str, Any]:
+    generator = getattr(loader, "generator", None)
+    return {
+        "model": model.state_dict(),
+        "optimizers": [_unwrapped(o).state_dict() for o in optimizers],
+        "scheduler": scheduler.state_dict(),
+        "regularizer": regularizer.state_dict() if regularizer is not None else None,
+        "loader_generator": generator.get_state() if generator is not None else None,
+        "report": report.to_dict(),
+    }
+
+
+def _resume(
+    checkpoint: StageCheckpoint | None,
+    model: nn.Module,
+    optimizers: list,
+    scheduler: Any,
+    regularizer: Regularizer | None,
+    loader: DataLoader,
+    report: StageReport,
+) -> int:
+    """Restore the newest complete checkpoint into the stage's objects; returns the epochs already done."""
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is None:
+        return 0
+    model.load_state_dict(state["model"], strict=True)
+    for opt, opt_state in zip(optimizers, state["optimizers"]):
+        opt.load_state_dict(opt_state)
+    scheduler.load_state_dict(state["scheduler"])
+    if regularizer is not None:
+        regularizer.load_state_dict(state["regularizer"])
+    if state["loader_generator"] is not None:
+        loader.generator.set_state(state["loader_generator"])
+    saved = state["report"]
+    report.steps, report.samples, report.seconds, report.history = saved["steps"], saved["samples"], saved["seconds"], saved["history"]
+    return int(state["epochs_done"])
 
 
 @torch.no_grad()

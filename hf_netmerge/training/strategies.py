@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from ..config import StageConfig
 from ..data import make_loader
+from .checkpoint import CheckpointDir, StageCheckpoint
 from .runner import StageReport, evaluate, train_stage
 
 
@@ -42,13 +43,16 @@ def train_one(
     accelerator: Accelerator,
     name: str,
     model_kwargs: dict[str, Any] | None = None,
+    checkpoint: StageCheckpoint | None = None,
     progress: bool = True,
 ) -> Trained:
     """A fresh ``timm.create_model(architecture)`` initialised from ``seed`` and trained for one stage."""
     set_seed(seed)
     model = timm.create_model(architecture, **(model_kwargs or {}))
     loader = make_loader(train_set, batch_size, shuffle=True, seed=seed)
-    report = train_stage(model, loader, stage, task=task, accelerator=accelerator, name=name, progress=progress)
+    report = train_stage(
+        model, loader, stage, task=task, accelerator=accelerator, name=name, checkpoint=checkpoint, progress=progress
+    )
     return Trained(model.eval(), [report], [])
 
 
@@ -65,6 +69,7 @@ def best_of(
     accelerator: Accelerator,
     name: str,
     model_kwargs: dict[str, Any] | None = None,
+    checkpoints: CheckpointDir | None = None,
     progress: bool = True,
 ) -> Trained:
     """Train ``k`` models (seeds ``seed``…``seed+k-1``) and keep the best on the validation set (never the test set)."""
@@ -82,6 +87,7 @@ def best_of(
             accelerator=accelerator,
             name=f"{name}[{i}]",
             model_kwargs=model_kwargs,
+            checkpoint=(checkpoints or CheckpointDir(None))(f"member{i}"),
             progress=progress,
         )
         metrics = evaluate(trained.model, val_loader, task=task, accelerator=accelerator)
