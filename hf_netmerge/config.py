@@ -25,6 +25,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     """``value`` checked against the annotation ``tp`` (ints accepted as floats, lists for tuples)."""
     origin = get_origin(tp)
     if origin is Literal:
+        if value is False and "no" in get_args(tp):
+            value = "no"  # YAML 1.1 reads an unquoted `no` as false
         if value not in get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
         return value

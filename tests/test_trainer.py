@@ -1,0 +1,152 @@
+"""The stage runner at scale: schedules, accumulation, checkpoints, two processes, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from accelerate import debug_launcher
+from accelerate.state import AcceleratorState, PartialState
+
+import hf_netmerge as hm
+from hf_netmerge.config import StageConfig
+from hf_netmerge.data import TensorBatchDataset, fashion_mnist, make_loader
+from hf_netmerge.training import make_accelerator, train_stage
+from hf_netmerge.training.checkpoint import StageCheckpoint
+from hf_netmerge.training.runner import lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _images(n: int = 64, seed: int = 0) -> TensorBatchDataset:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=gen)
+    images = torch.randn(n, 1, 28, 28, generator=gen) + labels.view(-1, 1, 1, 1).float()
+    return TensorBatchDataset(images, labels)
+
+
+def _lenet(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("netmerge_lenet", num_classes=4, in_chans=1)
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_lr_schedule_warms_up_then_decays():
+    factor = lr_factor(StageConfig(epochs=10, warmup_epochs=2, milestones=[5, 8], lr_gamma=0.1))
+    assert [round(factor(e), 6) for e in range(10)] == [0.5, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01]
+
+
+def test_gradient_accumulation_steps_once_per_two_batches():
+    accelerator = make_accelerator("no", gradient_accumulation_steps=2)
+    report = train_stage(_lenet(0), make_loader(_images(64), 16, shuffle=True), StageConfig(epochs=1, max_grad_norm=1.0),
+                         task="classification", accelerator=accelerator, name="acc", progress=False)
+    assert report.steps == 2 and report.samples == 64
+
+
+def test_fp16_on_cpu_is_refused_up_front():
+    with pytest.raises(hm.ConfigError, match="fp16"):
+        make_accelerator("fp16", cpu=True)
+
+
+def test_checkpoint_round_trip_ignores_incomplete_and_restores_rng(tmp_path):
+    ckpt = StageCheckpoint(tmp_path / "stage")
+    model = _lenet(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 1, 28, 28)).sum().backward()
+    opt.step()
+    torch.manual_seed(123)
+    ckpt.save(3, {"model": model.state_dict(), "optimizer": opt.state_dict(), "note": ("a", 1)})
+    expected_draw = torch.rand(3)
+    (tmp_path / "stage" / "epoch-00004").mkdir()  # a crash mid-write: no COMPLETE marker
+    torch.manual_seed(999)
+    state = StageCheckpoint(tmp_path / "stage").load()
+    assert state["epochs_done"] == 3 and state["note"] == ("a", 1)
+    assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues exactly where it was saved
+    fresh = torch.optim.SGD(_lenet(1).parameters(), lr=0.1, momentum=0.9)
+    fresh.load_state_dict(state["optimizer"])
+    assert torch.equal(fresh.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert not list((tmp_path / "stage").glob("*.pt")) and not list((tmp_path / "stage").glob("*.bin"))
+
+
+def _two_process_job(out: str) -> None:
+    torch.set_num_threads(1)
+    accelerator = make_accelerator("no", cpu=True)
+    assert accelerator.num_processes == 2
+    model = _lenet(0)
+    train_stage(model, make_loader(_images(64), 16, shuffle=True, seed=0), StageConfig(epochs=2, lr=0.05),
+                task="classification", accelerator=accelerator, name="ddp", progress=False)
+    weights = accelerator.gather(_flat(model)[None])
+    config = hm.MergeConfig(gate_epochs=2, finetune_epochs=1, batch_size=16, lambda_init=1.0, lambda_growth=1.0)
+    result = hm.merge_models(_lenet(1), _lenet(2), _images(64), None, config, accelerator=accelerator, progress=False)
+    students = accelerator.gather(_flat(result.student)[None])
+    if accelerator.is_main_process:
+        safetensors.torch.save_file({"weights": weights, "students": students}, os.path.join(out, "ranks.safetensors"))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def test_two_processes_stay_synchronized_and_match_one_process(tmp_path):
+    reference = _lenet(0)
+    train_stage(reference, make_loader(_images(64), 16, shuffle=True, seed=0), StageConfig(epochs=2, lr=0.05),
+                task="classification", accelerator=make_accelerator("no", cpu=True), name="single", progress=False)
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    debug_launcher(_two_process_job, args=(str(tmp_path),), num_processes=2)
+    ranks = safetensors.torch.load_file(str(tmp_path / "ranks.safetensors"))
+    assert torch.equal(ranks["weights"][0], ranks["weights"][1])
+    assert torch.equal(ranks["students"][0], ranks["students"][1])  # gates and weights stayed in sync
+    torch.testing.assert_close(ranks["weights"][0], _flat(reference), rtol=1e-4, atol=1e-5)  # split batches + DDP == one process
+
+
+RUN = ["-m", "hf_netmerge", "run", str(ROOT / "recipes" / "sine-cpu.yaml"), "seeds=[0]", "teacher.epochs=4", "teacher.milestones=[3]",
+       "merge.gate_epochs=6", "merge.finetune_epochs=3", "merge.finetune_milestones=[2]", "one_model.epochs=4",
+       "one_model.milestones=[3]", "baselines=[one_model]", "--no-progress"]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_run_killed_mid_stage_resumes_bit_identically(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([sys.executable, *RUN, "--output-dir", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
+    killed = subprocess.Popen([sys.executable, *RUN, "--output-dir", str(tmp_path / "killed")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "killed" / "checkpoints" / "seed0" / "student" / "gates" / "epoch-00002" / "COMPLETE"
+    deadline = time.monotonic() + 120
+    while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert marker.exists() and not (tmp_path / "killed" / "results.json").exists()
+    done = subprocess.run([sys.executable, *RUN, "--output-dir", str(tmp_path / "killed")], check=True, env=env,
+                          capture_output=True, text=True)
+    assert "seed 0:" in done.stdout
+    student = Path("seed0") / "student" / "model.safetensors"
+    assert _sha(tmp_path / "killed" / student) == _sha(tmp_path / "whole" / student)
+    whole, resumed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "killed"))
+    assert [{k: r[k] for k in ("student", "one_model")} for r in whole["runs"]] == [
+        {k: r[k] for k in ("student", "one_model")} for r in resumed["runs"]
+    ]
+    assert resumed["resumed"] and not whole["resumed"]
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_reads_the_debian_files():
+    test = fashion_mnist("test")
+    assert test.inputs.shape == (10_000, 1, 28, 28) and test.targets.shape == (10_000,)
+    assert sorted(test.targets.unique().tolist()) == list(range(10))
+    assert abs(test.inputs.mean().item()) < 0.05
