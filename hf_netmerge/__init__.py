@@ -9,34 +9,17 @@ __version__ = "0.1.0"
 from . import models  # noqa: F401  (registers the netmerge_* architectures with timm)
 from .api import MergeResult, compress, concatenate, merge_models
 from .config import MergeConfig, StageConfig
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    DatasetError,
-    NetMergeError,
-    NonFiniteLossError,
-    NonFiniteWeightsError,
-    OutputExistsError,
-    TeacherMismatchError,
-    UnsupportedModelError,
-)
+from .errors import *  # noqa: F403  (the typed errors: NetMergeError and its subclasses)
+from .errors import __all__ as _error_names
 from .gates import GatedModel, HardConcreteGate, add_gates, remove_gates
 
 __all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "DatasetError",
+    *_error_names,
     "GatedModel",
     "HardConcreteGate",
     "MergeConfig",
     "MergeResult",
-    "NetMergeError",
-    "NonFiniteLossError",
-    "NonFiniteWeightsError",
-    "OutputExistsError",
     "StageConfig",
-    "TeacherMismatchError",
-    "UnsupportedModelError",
     "__version__",
     "add_gates",
     "compress",

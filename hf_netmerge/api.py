@@ -179,6 +179,7 @@ def merge_models(
     architecture: str | None = None,
     model_args: dict[str, Any] | None = None,
     checkpoints: CheckpointDir | None = None,
+    allow_pickle: bool = False,
 ) -> MergeResult:
     """Merge two teachers of one architecture into a student of that architecture.
 
@@ -186,13 +187,14 @@ def merge_models(
     ``.safetensors`` files built as ``timm.create_model(architecture, **model_args)``; data is a
     ``datasets.Dataset`` (image/label columns), a torch Dataset or a DataLoader. Every input is
     checked before any training; with ``output_dir`` the student is saved there at the end. With
-    ``checkpoints``, the gate and fine-tune stages checkpoint there and resume from it.
+    ``checkpoints``, the gate and fine-tune stages checkpoint there and resume from it. Pickle teacher
+    checkpoints are refused unless ``allow_pickle`` (then read with ``torch.load(weights_only=True)``).
     """
     config = config or MergeConfig()
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
-    a, info_a = load_teacher(teacher_a, architecture, model_args)
-    b, info_b = load_teacher(teacher_b, architecture, model_args)
+    a, info_a = load_teacher(teacher_a, architecture, model_args, allow_pickle)
+    b, info_b = load_teacher(teacher_b, architecture, model_args, allow_pickle)
     big = concatenate(a, b)
     spec: MergeSpec = big.netmerge_spec
     if not timm.is_model(spec.architecture):

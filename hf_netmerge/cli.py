@@ -59,6 +59,7 @@ def _merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         architecture=args.architecture,
+        allow_pickle=args.allow_pickle,
     )
     for name, values in result.metrics.items():
         print(f"{name:<24} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--config", help="a MergeConfig YAML file")
     merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one MergeConfig field")
     merge.add_argument("--architecture", help="timm architecture of .safetensors teacher files")
+    merge.add_argument("--allow-pickle", action="store_true", help="read pickle teachers with torch.load(weights_only=True)")
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the student to this Hub repo in one commit")
     merge.add_argument("--private", action="store_true", help="create the Hub repo as private")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .errors import DatasetError
+from .errors import DatasetError, DatasetTooSmallError, EmptyDatasetError, LabelRangeError, MissingColumnError
 
 
 class _Batch(tuple):
@@ -58,7 +58,9 @@ class HFImageDataset(Dataset):
     def __init__(self, ds: Any, image_column: str, label_column: str, transform: Callable | None, mode: str) -> None:
         missing = [c for c in (image_column, label_column) if c not in ds.column_names]
         if missing:
-            raise DatasetError(f"dataset has no column(s) {missing}; its columns are {ds.column_names}")
+            raise MissingColumnError(
+                f"dataset has no column(s) {missing}; its columns are {ds.column_names} (set image_column / label_column)"
+            )
         self.ds = ds
         self.image_column = image_column
         self.label_column = label_column
@@ -122,16 +124,16 @@ def check_dataset(dataset: Dataset, task: str, num_classes: int, min_size: int =
     """Refuse empty or too-small data, non-finite regression targets, and class labels outside ``[0, num_classes)``."""
     size = len(dataset)
     if size == 0:
-        raise DatasetError(f"{label} is empty")
+        raise EmptyDatasetError(f"{label} is empty; pass a dataset with examples")
     if size < min_size:
-        raise DatasetError(f"{label} has {size} examples, fewer than one batch ({min_size}); lower batch_size or add data")
+        raise DatasetTooSmallError(f"{label} has {size} examples, fewer than one batch ({min_size}); lower batch_size or add data")
     targets = dataset_targets(dataset)
     if task == "classification":
         if targets.is_floating_point() and not bool((targets == targets.round()).all()):
-            raise DatasetError(f"{label}: classification labels must be integers")
+            raise LabelRangeError(f"{label}: classification labels must be integers")
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= num_classes:
-            raise DatasetError(
+            raise LabelRangeError(
                 f"{label}: labels span [{low}, {high}] but the model has {num_classes} classes "
                 f"(labels must be in [0, {num_classes - 1}])"
             )

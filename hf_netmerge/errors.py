@@ -41,3 +41,120 @@ class OutputExistsError(NetMergeError, FileExistsError):
 
 class NonFiniteLossError(NetMergeError, FloatingPointError):
     """The training loss became NaN or Inf; the message names the stage and epoch."""
+
+
+# Teachers that do not match: one class per way they can differ.
+class ArchitectureMismatchError(TeacherMismatchError):
+    """The teachers are different architectures (or classes); merge two networks of one architecture."""
+
+
+class NumClassesMismatchError(TeacherMismatchError):
+    """The teachers have different numbers of classes; both heads must predict the same classes."""
+
+
+class KeyMismatchError(TeacherMismatchError):
+    """The teachers' state dicts have different tensor names (missing or unexpected keys)."""
+
+
+class ShapeMismatchError(TeacherMismatchError):
+    """A tensor has different shapes in the two teachers (different widths or model_args)."""
+
+
+class DtypeMismatchError(TeacherMismatchError):
+    """A tensor has different dtypes in the two teachers; cast both to one dtype first."""
+
+
+# Checkpoint files that cannot be read safely.
+class EmptyFileError(CheckpointError):
+    """The weights file is empty."""
+
+
+class TruncatedFileError(CheckpointError):
+    """The weights file ends before the data its header announces."""
+
+
+class CorruptHeaderError(CheckpointError):
+    """The safetensors header is not valid JSON describing tensors."""
+
+
+class OverlappingTensorsError(CorruptHeaderError):
+    """Two tensors of the safetensors header claim overlapping bytes."""
+
+
+class OversizedHeaderError(CheckpointError):
+    """The safetensors header claims to be larger than allowed (100 MB) or than the file."""
+
+
+class PickleRefusedError(CheckpointError):
+    """A pickle checkpoint was found and pickles are refused (they can run code); pass allow_pickle=True to load it
+    with ``torch.load(weights_only=True)``."""
+
+
+class FormatMismatchError(CheckpointError):
+    """The file's extension names another format than its first bytes show."""
+
+
+class RepoNotFoundError(CheckpointError):
+    """The Hub repository does not exist (or is private and the token cannot see it)."""
+
+
+class RevisionNotFoundError(CheckpointError):
+    """The Hub repository has no such branch, tag or commit."""
+
+
+class RemoteFileNotFoundError(CheckpointError):
+    """The Hub repository lacks config.json or model.safetensors at that revision."""
+
+
+class OfflineNotCachedError(CheckpointError):
+    """Offline mode is on and the reference is not in the local Hub cache."""
+
+
+# Data that cannot be trained on.
+class EmptyDatasetError(DatasetError):
+    """The dataset has no examples."""
+
+
+class DatasetTooSmallError(DatasetError):
+    """The dataset holds fewer examples than one batch."""
+
+
+class LabelRangeError(DatasetError):
+    """Labels are negative, not integers, or not below the model's number of classes."""
+
+
+class MissingColumnError(DatasetError):
+    """The dataset lacks the image or label column named in the config."""
+
+
+__all__ = [
+    "ArchitectureMismatchError",
+    "CheckpointError",
+    "ConfigError",
+    "CorruptHeaderError",
+    "DatasetError",
+    "DatasetTooSmallError",
+    "DtypeMismatchError",
+    "EmptyDatasetError",
+    "EmptyFileError",
+    "FormatMismatchError",
+    "KeyMismatchError",
+    "LabelRangeError",
+    "MissingColumnError",
+    "NetMergeError",
+    "NonFiniteLossError",
+    "NonFiniteWeightsError",
+    "NumClassesMismatchError",
+    "OfflineNotCachedError",
+    "OutputExistsError",
+    "OverlappingTensorsError",
+    "OversizedHeaderError",
+    "PickleRefusedError",
+    "RemoteFileNotFoundError",
+    "RepoNotFoundError",
+    "RevisionNotFoundError",
+    "ShapeMismatchError",
+    "TeacherMismatchError",
+    "TruncatedFileError",
+    "UnsupportedModelError",
+]

@@ -19,10 +19,27 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import timm
+import torch
 from torch import nn
 
 from .adapters import architecture_name
-from .errors import CheckpointError
+from .errors import (
+    CheckpointError,
+    CorruptHeaderError,
+    DtypeMismatchError,
+    EmptyFileError,
+    FormatMismatchError,
+    KeyMismatchError,
+    OfflineNotCachedError,
+    OverlappingTensorsError,
+    OversizedHeaderError,
+    PickleRefusedError,
+    RemoteFileNotFoundError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+    ShapeMismatchError,
+    TruncatedFileError,
+)
 from .validation import check_output_dir
 
 WEIGHTS_NAME = "model.safetensors"
@@ -59,45 +76,154 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_safetensors_header(path: Path) -> None:
-    """Refuse a weights file that is not safetensors, judged by its first bytes (not its name)."""
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def sniff_format(path: Path) -> str:
+    """``safetensors``, ``pickle`` (a ``torch.save`` zip or a raw pickle) or ``unknown``, from the file's first bytes."""
     with path.open("rb") as f:
         head = f.read(9)
-    if len(head) < 9:
-        raise CheckpointError(f"{path} is empty or truncated")
-    size = int.from_bytes(head[:8], "little")
-    if head[8:9] != b"{" or size > _SAFETENSORS_HEADER_LIMIT or size + 8 > path.stat().st_size:
-        raise CheckpointError(f"{path} is not a safetensors file (pickle and other formats are refused)")
+    if not head:
+        raise EmptyFileError(f"{path} is empty; re-download or re-save the checkpoint")
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "unknown"
 
 
-def _load_dir(directory: Path, source: str, reference: str, revision: str | None) -> tuple[nn.Module, TeacherInfo]:
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+def check_safetensors(path: Path) -> None:
+    """Validate a safetensors file's header before reading any tensor: size, JSON, dtypes, shapes, offsets."""
+    size = path.stat().st_size
+    if size == 0:
+        raise EmptyFileError(f"{path} is empty; re-download or re-save the checkpoint")
+    if size < 8:
+        raise TruncatedFileError(f"{path} is truncated ({size} bytes); re-download it")
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length > _SAFETENSORS_HEADER_LIMIT:
+            raise OversizedHeaderError(f"{path}: header claims {length} bytes (limit {_SAFETENSORS_HEADER_LIMIT}); the file is corrupt")
+        if 8 + length > size:
+            raise TruncatedFileError(f"{path}: header claims {length} bytes but the file has {size}; re-download it")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+        entries = [(name, e) for name, e in header.items() if name != "__metadata__"]
+        spans = []
+        for name, entry in entries:
+            start, end = (int(v) for v in entry["data_offsets"])
+            numel = 1
+            for dim in entry["shape"]:
+                numel *= int(dim)
+            if entry["dtype"] not in _DTYPE_BYTES or start > end or end - start != numel * _DTYPE_BYTES[entry["dtype"]]:
+                raise CorruptHeaderError(f"{path}: tensor {name!r} has inconsistent dtype, shape and offsets; the file is corrupt")
+            spans.append((start, end, name))
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        raise CorruptHeaderError(f"{path}: the safetensors header is not valid ({type(e).__name__}); the file is corrupt") from e
+    spans.sort()
+    for (_, prev_end, prev), (start, _, name) in zip(spans, spans[1:]):
+        if start < prev_end:
+            raise OverlappingTensorsError(f"{path}: tensors {prev!r} and {name!r} overlap; the file is corrupt or crafted")
+    if spans and spans[-1][1] > size - 8 - length:
+        raise TruncatedFileError(f"{path}: tensor data ends past the end of the file; re-download it")
+
+
+def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from ``path``, its format decided by its first bytes.
+
+    safetensors is validated header first; a pickle is refused unless ``allow_pickle``, and then read
+    with ``torch.load(weights_only=True)`` passed explicitly, with no fallback.
+    """
+    kind = sniff_format(path)
+    if kind == "safetensors":
+        if path.suffix in _PICKLE_SUFFIXES:
+            raise FormatMismatchError(f"{path} is named like a pickle but holds safetensors; rename it to .safetensors")
+        check_safetensors(path)
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except safetensors.SafetensorError as e:
+            raise CorruptHeaderError(f"{path}: {e}") from e
+    if kind == "pickle":
+        if path.suffix == ".safetensors":
+            raise FormatMismatchError(f"{path} is named .safetensors but is a pickle; refusing it (pickles can run code)")
+        if not allow_pickle:
+            raise PickleRefusedError(
+                f"{path} is a pickle checkpoint, which can run code; convert it to safetensors or pass allow_pickle=True"
+            )
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure of the restricted unpickler is a refusal
+            raise PickleRefusedError(f"{path}: refused by torch.load(weights_only=True): {type(e).__name__}: {e}") from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: the pickle does not hold a flat state dict of tensors")
+        return state
+    raise CorruptHeaderError(f"{path}: not a safetensors or PyTorch checkpoint")
+
+
+def _weights_in(directory: Path, allow_pickle: bool) -> Path:
+    """The weights file of a timm directory: model.safetensors, else (when allowed) a pickle one."""
+    if (directory / WEIGHTS_NAME).is_file():
+        return directory / WEIGHTS_NAME
+    pickles = [directory / n for n in ("pytorch_model.bin", "pytorch_model.pth", "model.pth") if (directory / n).is_file()]
+    if pickles and not allow_pickle:
+        raise PickleRefusedError(
+            f"{directory} holds only {pickles[0].name}, a pickle; convert it to safetensors or pass allow_pickle=True"
+        )
+    if pickles:
+        return pickles[0]
+    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}; expected timm's layout ({CONFIG_NAME} + {WEIGHTS_NAME})")
+
+
+def _load_dir(
+    directory: Path, source: str, reference: str, revision: str | None, allow_pickle: bool = False
+) -> tuple[nn.Module, TeacherInfo]:
+    config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{reference}: no {CONFIG_NAME} (expected timm's layout: {CONFIG_NAME} + {WEIGHTS_NAME})")
-    if not weights_path.is_file():
-        raise CheckpointError(f"{reference}: no {WEIGHTS_NAME}; only safetensors weights are loaded")
-    _check_safetensors_header(weights_path)
+    weights_path = _weights_in(directory, allow_pickle)
+    state = read_weights(weights_path, allow_pickle)
     try:
         model = timm.create_model(f"local-dir:{directory}", pretrained=False)
     except (RuntimeError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{reference}: cannot build the model from {CONFIG_NAME}: {e}") from e
-    try:
-        state = safetensors.torch.load_file(str(weights_path), device="cpu")
-        model.load_state_dict(state, strict=True)
-    except (safetensors.SafetensorError, RuntimeError) as e:
-        raise CheckpointError(f"{reference}: weights do not load into {architecture_name(model)}: {e}") from e
+    _load_state(model, state, reference)
     info = TeacherInfo(source, architecture_name(model), reference, revision, _sha256(weights_path))
     return model, info
 
 
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], reference: str) -> None:
+    """Strictly load ``state``; every mismatch is a typed error naming what differs."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyMismatchError(
+            f"{reference}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]} for {architecture_name(model)}"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ShapeMismatchError(
+                f"{reference}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"{architecture_name(model)} expects {tuple(expected[name].shape)}"
+            )
+        if tensor.dtype != expected[name].dtype:
+            raise DtypeMismatchError(f"{reference}: tensor {name!r} is {tensor.dtype}, expected {expected[name].dtype}")
+    model.load_state_dict(state, strict=True)
+
+
 def load_teacher(
-    ref: nn.Module | str | os.PathLike[str], architecture: str | None = None, model_args: dict[str, Any] | None = None
+    ref: nn.Module | str | os.PathLike[str],
+    architecture: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[nn.Module, TeacherInfo]:
     """A teacher and its provenance.
 
     ``ref`` is an ``nn.Module``, a local timm directory (``config.json`` + ``model.safetensors``), a
     ``.safetensors`` file (then ``architecture`` and optional ``model_args`` say what to build), or a
-    Hub id, optionally ``id@revision``; a Hub revision is resolved to its commit hash.
+    Hub id, optionally ``id@revision``; a Hub revision is resolved to its commit hash. Pickle
+    checkpoints are refused unless ``allow_pickle`` (local files only; the Hub is read as safetensors).
     """
     if isinstance(ref, nn.Module):
         return ref, TeacherInfo("module", architecture_name(ref))
@@ -105,39 +231,50 @@ def load_teacher(
         raise CheckpointError(f"unsupported teacher reference of type {type(ref).__name__}")
     path = Path(ref)
     if path.is_dir():
-        return _load_dir(path, "local-dir", str(path), None)
+        return _load_dir(path, "local-dir", str(path), None, allow_pickle)
     if path.is_file():
-        return _load_file(path, architecture, model_args)
+        return _load_file(path, architecture, model_args, allow_pickle)
     if str(ref).startswith((".", "/", "~")) or str(ref).endswith(".safetensors"):
         raise CheckpointError(f"{ref}: no such file or directory")
     return _load_hub(str(ref))
 
 
-def _load_file(path: Path, architecture: str | None, model_args: dict[str, Any] | None) -> tuple[nn.Module, TeacherInfo]:
+def _load_file(
+    path: Path, architecture: str | None, model_args: dict[str, Any] | None, allow_pickle: bool
+) -> tuple[nn.Module, TeacherInfo]:
     if architecture is None:
         raise CheckpointError(f"{path}: a weights file needs architecture=... (a timm model name) to be built")
     if not timm.is_model(architecture):
         raise CheckpointError(f"{path}: unknown timm architecture {architecture!r}")
-    _check_safetensors_header(path)
+    state = read_weights(path, allow_pickle)
     model = timm.create_model(architecture, pretrained=False, **(model_args or {}))
-    try:
-        model.load_state_dict(safetensors.torch.load_file(str(path), device="cpu"), strict=True)
-    except (safetensors.SafetensorError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: weights do not load into {architecture}: {e}") from e
+    _load_state(model, state, str(path))
     return model, TeacherInfo("file", architecture, str(path), None, _sha256(path))
 
 
 def _load_hub(ref: str) -> tuple[nn.Module, TeacherInfo]:
     """Fetch ``config.json`` then ``model.safetensors`` at the commit the revision resolved to (works offline from cache)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub import errors as hub_errors
 
     repo_id, _, revision = ref.partition("@")
+    typed = (  # most specific first: LocalEntryNotFoundError is an EntryNotFoundError
+        (hub_errors.LocalEntryNotFoundError, OfflineNotCachedError, "go online once or unset HF_HUB_OFFLINE"),
+        (hub_errors.OfflineModeIsEnabled, OfflineNotCachedError, "go online once or unset HF_HUB_OFFLINE"),
+        (hub_errors.RepositoryNotFoundError, RepoNotFoundError, "check the id and that your token can see it"),
+        (hub_errors.RevisionNotFoundError, RevisionNotFoundError, "check the branch, tag or commit"),
+        (hub_errors.EntryNotFoundError, RemoteFileNotFoundError, f"the repo needs {CONFIG_NAME} and {WEIGHTS_NAME}"),
+        (hub_errors.RemoteEntryNotFoundError, RemoteFileNotFoundError, f"the repo needs {CONFIG_NAME} and {WEIGHTS_NAME}"),
+    )
     try:
         config_path = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None))
         commit = config_path.parent.name
         hf_hub_download(repo_id, WEIGHTS_NAME, revision=commit)
-    except (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError, ValueError) as e:
+    except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, hub_errors.LocalEntryNotFoundError,
+            hub_errors.OfflineModeIsEnabled, OSError, ValueError) as e:
+        for source, error, advice in typed:
+            if isinstance(e, source):
+                raise error(f"teacher {ref!r}: {type(e).__name__}; {advice}") from e
         raise CheckpointError(f"cannot fetch teacher {ref!r} from the Hub: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     return _load_dir(config_path.parent, "hf-hub", repo_id, commit)
 
@@ -178,6 +315,8 @@ def save_student(
     """Write ``config.json``, ``model.safetensors``, ``netmerge_config.json`` and ``README.md`` atomically."""
     target = check_output_dir(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*-*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         _write(tmp / CONFIG_NAME, json.dumps(timm_config(student, label_names), indent=2))

@@ -64,6 +64,25 @@ def make_teacher(name: str, kwargs: dict, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _loopback_only():
+    """Tests may open sockets to loopback addresses only: anything else fails loudly."""
+    import ipaddress
+
+    original = socket.socket.connect
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0]
+            if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+                raise ConnectionRefusedError(f"tests may only connect to loopback addresses, not {host}")
+        return original(self, address)
+
+    socket.socket.connect = connect
+    yield
+    socket.socket.connect = original
+
+
 @pytest.fixture(scope="session")
 def hub():
     """A Hub-protocol server on 127.0.0.1 that requires the sentinel token for writes."""

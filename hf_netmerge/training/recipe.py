@@ -24,7 +24,7 @@ from ..adapters import resolve_spec
 from ..api import merge_models
 from ..config import RecipeConfig
 from ..data import load_data, make_loader, prepare_dataset, split, subset
-from ..errors import ConfigError, DatasetError, OutputExistsError
+from ..errors import ConfigError, DatasetTooSmallError, OutputExistsError
 from ..hub import load_teacher
 from . import report
 from .checkpoint import CheckpointDir
@@ -80,7 +80,7 @@ class _Data:
             test = subset(test, torch.arange(cfg.max_test_samples))
         self.train, self.val = split(train, cfg.val_fraction, seed=0)
         if len(self.train) < recipe.batch_size:
-            raise DatasetError(f"the training split has {len(self.train)} examples, fewer than one batch ({recipe.batch_size})")
+            raise DatasetTooSmallError(f"the training split has {len(self.train)} examples, fewer than one batch ({recipe.batch_size})")
         self.test = test
         self.name = loaded.name
 

@@ -164,10 +164,12 @@ def train_stage(
     for epoch in bar:
         epoch_start = time.perf_counter()
         total = torch.zeros((), device=accelerator.device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # no host sync per step
         seen = 0
-        for inputs, targets in train_loader:
+        for batch_index, (inputs, targets) in enumerate(train_loader):
             with accelerator.accumulate(train_model):
                 loss = task_loss(task, train_model(inputs), targets)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), batch_index, first_bad)
                 objective = loss + regularizer.loss()[0] if regularizer is not None else loss
                 accelerator.backward(objective)
                 if accelerator.sync_gradients:
@@ -181,8 +183,13 @@ def train_stage(
             seen += len(targets)
         count = accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum")
         epoch_loss = float(accelerator.reduce(total, "sum")) / max(int(count), 1)
-        if not math.isfinite(epoch_loss):
-            raise NonFiniteLossError(f"stage {name!r}: training loss became {epoch_loss} in epoch {epoch + 1}")
+        bad = [int(b) for b in accelerator.gather(first_bad[None]) if b >= 0]  # every process sees the same and stops
+        if bad or not math.isfinite(epoch_loss):
+            step = f"batch {min(bad) + 1} of " if bad else ""
+            raise NonFiniteLossError(
+                f"stage {name!r}: the training loss became non-finite at {step}epoch {epoch + 1}; "
+                "lower the learning rate or check the data (the last complete checkpoint is kept)"
+            )
         entry = {
             "epoch": epoch + 1,
             "loss": epoch_loss,
