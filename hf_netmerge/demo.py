@@ -23,7 +23,7 @@ from .config import MergeConfig, StageConfig
 from .data import TensorBatchDataset, make_loader, sine_data
 from .training import evaluate, make_accelerator, predict
 from .training import report
-from .training.strategies import best_of, train_one
+from .training.strategies import Setup, best_of, train_one
 
 ARCHITECTURE = "netmerge_sine_mlp"
 STRATEGIES = ("student", "bo3", "one_model")
@@ -71,13 +71,13 @@ def run_seed(
     """Train every strategy for one seed; returns the result row, the final models and the merge result."""
     train, val, test = _data(seed)
     test_loader = make_loader(test, 2048, shuffle=False)
-    common = dict(task="regression", batch_size=cfg.batch_size, accelerator=accelerator, progress=progress)
+    setup = Setup(ARCHITECTURE, "regression", cfg.batch_size, accelerator, progress=progress)
     third = _stage(cfg.epochs(1 / 3), cfg.lr, 250 / 300)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
     teachers = [
-        train_one(ARCHITECTURE, train, third, seed=seed * 1000 + i, name=f"seed {seed} teacher {n}", **common).model
+        train_one(setup, train, third, seed=seed * 1000 + i, name=f"seed {seed} teacher {n}").model
         for i, n in enumerate("AB")
     ]
     gate_epochs, finetune_epochs = cfg.epochs(1 / 6), cfg.epochs(1 / 6)
@@ -97,14 +97,12 @@ def run_seed(
     _log(accelerator, f"seed {seed}: student done in {timings['student']:.1f}s")
 
     start = time.perf_counter()
-    bo3 = best_of(3, ARCHITECTURE, train, val, third, seed=seed * 1000 + 10, name=f"seed {seed} bo3", **common)
+    bo3 = best_of(3, setup, train, val, third, seed=seed * 1000 + 10, name=f"seed {seed} bo3")
     timings["bo3"] = time.perf_counter() - start
     _log(accelerator, f"seed {seed}: bo3 done in {timings['bo3']:.1f}s")
 
     start = time.perf_counter()
-    one = train_one(
-        ARCHITECTURE, train, _stage(cfg.epochs(1.0), cfg.lr, 800 / 900), seed=seed * 1000 + 20, name=f"seed {seed} one model", **common
-    )
+    one = train_one(setup, train, _stage(cfg.epochs(1.0), cfg.lr, 800 / 900), seed=seed * 1000 + 20, name=f"seed {seed} one model")
     timings["one_model"] = time.perf_counter() - start
     _log(accelerator, f"seed {seed}: one model done in {timings['one_model']:.1f}s")
 

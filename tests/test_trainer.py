@@ -150,3 +150,23 @@ def test_fashion_mnist_reads_the_debian_files():
     assert test.inputs.shape == (10_000, 1, 28, 28) and test.targets.shape == (10_000,)
     assert sorted(test.targets.unique().tolist()) == list(range(10))
     assert abs(test.inputs.mean().item()) < 0.05
+
+
+def _nan_on_one_rank(out: str) -> None:
+    torch.set_num_threads(1)
+    accelerator = make_accelerator("no", cpu=True)
+    data = _images(64)
+    if accelerator.process_index == 1:
+        data.inputs[40:] = float("inf")  # only the second process's half of the last batches goes bad
+    try:
+        train_stage(_lenet(0), make_loader(data, 16, shuffle=False), StageConfig(epochs=1), task="classification",
+                    accelerator=accelerator, name="teacher", progress=False)
+    except hm.NonFiniteLossError as e:
+        Path(out, f"stopped-{accelerator.process_index}").write_text(str(e))
+    accelerator.end_training()
+
+
+def test_non_finite_loss_on_one_process_stops_every_process(tmp_path):
+    debug_launcher(_nan_on_one_rank, args=(str(tmp_path),), num_processes=2)
+    messages = [(tmp_path / f"stopped-{rank}").read_text() for rank in (0, 1)]
+    assert all("stage 'teacher'" in m and "epoch 1" in m for m in messages)

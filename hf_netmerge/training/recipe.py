@@ -18,7 +18,6 @@ from typing import Any
 import timm
 import torch
 from accelerate import Accelerator
-from torch.utils.data import Dataset
 
 from ..adapters import resolve_spec
 from ..api import merge_models
@@ -30,7 +29,7 @@ from . import report
 from .checkpoint import CheckpointDir
 from .pruning import prune_baseline
 from .runner import evaluate, make_accelerator
-from .strategies import best_of, train_one
+from .strategies import Setup, best_of, train_one
 
 STRATEGIES = ["student", "bo3", "one_model", "pruning"]
 
@@ -153,8 +152,7 @@ def _run_seed(
     progress: bool,
 ) -> dict[str, Any]:
     """Every strategy for one seed; the merged student is saved to ``out/seed<seed>/student``."""
-    common = dict(task=recipe.task, batch_size=recipe.batch_size, accelerator=accelerator, model_kwargs=recipe.model_args,
-                  progress=progress)
+    setup = Setup(recipe.architecture, recipe.task, recipe.batch_size, accelerator, dict(recipe.model_args), progress)
     test_loader = make_loader(data.test, max(recipe.batch_size, 256), shuffle=False)
 
     def score(model: torch.nn.Module) -> float:
@@ -163,8 +161,8 @@ def _run_seed(
     row: dict[str, Any] = {"seed": seed, "seconds": {}}
     start = time.perf_counter()
     teachers = given or [
-        train_one(recipe.architecture, data.train, recipe.teacher, seed=seed * 1000 + i, name=f"seed {seed} teacher {ab}",
-                  checkpoint=checkpoints(f"teacher_{ab}"), **common).model
+        train_one(setup, data.train, recipe.teacher, seed=seed * 1000 + i, name=f"seed {seed} teacher {ab}",
+                  checkpoint=checkpoints(f"teacher_{ab}")).model
         for i, ab in enumerate("ab")
     ]
     merged = merge_models(teachers[0], teachers[1], data.train, data.val, recipe.merge_config(seed), accelerator=accelerator,
@@ -176,18 +174,17 @@ def _run_seed(
     row["gate_stats"] = [s.to_dict() for s in merged.gate_stats]
     for name in recipe.baselines:
         start = time.perf_counter()
-        row[name] = score(_baseline(name, recipe, seed, data.train, data.val, checkpoints.sub(name), common))
+        row[name] = score(_baseline(name, recipe, setup, seed, data, checkpoints.sub(name)))
         row["seconds"][name] = time.perf_counter() - start
     return row
 
 
-def _baseline(name: str, recipe: RecipeConfig, seed: int, train: Dataset, val: Dataset, checkpoints: CheckpointDir,
-              common: dict[str, Any]) -> torch.nn.Module:
+def _baseline(name: str, recipe: RecipeConfig, setup: Setup, seed: int, data: _Data, checkpoints: CheckpointDir) -> torch.nn.Module:
     if name == "bo3":
-        return best_of(3, recipe.architecture, train, val, recipe.teacher, seed=seed * 1000 + 10, name=f"seed {seed} bo3",
-                       checkpoints=checkpoints, **common).model
+        return best_of(3, setup, data.train, data.val, recipe.teacher, seed=seed * 1000 + 10, name=f"seed {seed} bo3",
+                       checkpoints=checkpoints).model
     if name == "one_model":
-        return train_one(recipe.architecture, train, recipe.one_model, seed=seed * 1000 + 20, name=f"seed {seed} one model",
-                         checkpoint=checkpoints("model"), **common).model
-    return prune_baseline(recipe.architecture, train, recipe.pruning, seed=seed * 1000 + 30, name=f"seed {seed} pruning",
-                          checkpoints=checkpoints, **common).model
+        return train_one(setup, data.train, recipe.one_model, seed=seed * 1000 + 20, name=f"seed {seed} one model",
+                         checkpoint=checkpoints("model")).model
+    return prune_baseline(setup, data.train, recipe.pruning, seed=seed * 1000 + 30, name=f"seed {seed} pruning",
+                          checkpoints=checkpoints).model

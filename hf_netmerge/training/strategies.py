@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import timm
@@ -32,67 +32,52 @@ def score(task: str, metrics: dict[str, float]) -> float:
     return metrics["mse"] if task == "regression" else -metrics["accuracy"]
 
 
-def train_one(
-    architecture: str,
-    train_set: Dataset,
-    stage: StageConfig,
-    *,
-    task: str,
-    batch_size: int,
-    seed: int,
-    accelerator: Accelerator,
-    name: str,
-    model_kwargs: dict[str, Any] | None = None,
-    checkpoint: StageCheckpoint | None = None,
-    progress: bool = True,
-) -> Trained:
-    """A fresh ``timm.create_model(architecture)`` initialised from ``seed`` and trained for one stage."""
-    set_seed(seed)
-    model = timm.create_model(architecture, **(model_kwargs or {}))
-    loader = make_loader(train_set, batch_size, shuffle=True, seed=seed)
-    report = train_stage(
-        model, loader, stage, task=task, accelerator=accelerator, name=name, checkpoint=checkpoint, progress=progress
-    )
+@dataclass(frozen=True)
+class Setup:
+    """What every strategy of one experiment shares: the architecture, the task and how to train."""
+
+    architecture: str
+    task: str
+    batch_size: int
+    accelerator: Accelerator
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    def create(self, seed: int) -> nn.Module:
+        """A fresh ``timm.create_model(architecture, **model_kwargs)`` initialised from ``seed``."""
+        set_seed(seed)
+        return timm.create_model(self.architecture, **self.model_kwargs)
+
+    def train(
+        self, model: nn.Module, train_set: Dataset, stage: StageConfig, *, seed: int, name: str, checkpoint: StageCheckpoint | None = None
+    ) -> StageReport:
+        """One stage of :func:`~hf_netmerge.training.train_stage` on ``train_set`` shuffled from ``seed``."""
+        loader = make_loader(train_set, self.batch_size, shuffle=True, seed=seed)
+        return train_stage(
+            model, loader, stage, task=self.task, accelerator=self.accelerator, name=name, checkpoint=checkpoint, progress=self.progress
+        )
+
+
+def train_one(setup: Setup, train_set: Dataset, stage: StageConfig, *, seed: int, name: str,
+              checkpoint: StageCheckpoint | None = None) -> Trained:
+    """A fresh model initialised from ``seed`` and trained for one stage."""
+    model = setup.create(seed)
+    report = setup.train(model, train_set, stage, seed=seed, name=name, checkpoint=checkpoint)
     return Trained(model.eval(), [report], [])
 
 
-def best_of(
-    k: int,
-    architecture: str,
-    train_set: Dataset,
-    val_set: Dataset,
-    stage: StageConfig,
-    *,
-    task: str,
-    batch_size: int,
-    seed: int,
-    accelerator: Accelerator,
-    name: str,
-    model_kwargs: dict[str, Any] | None = None,
-    checkpoints: CheckpointDir | None = None,
-    progress: bool = True,
-) -> Trained:
+def best_of(k: int, setup: Setup, train_set: Dataset, val_set: Dataset, stage: StageConfig, *, seed: int, name: str,
+            checkpoints: CheckpointDir | None = None) -> Trained:
     """Train ``k`` models (seeds ``seed``…``seed+k-1``) and keep the best on the validation set (never the test set)."""
     val_loader = make_loader(val_set, 1024, shuffle=False)
+    checkpoints = checkpoints or CheckpointDir(None)
     best, best_score = None, math.inf
     reports, validation = [], []
     for i in range(k):
-        trained = train_one(
-            architecture,
-            train_set,
-            stage,
-            task=task,
-            batch_size=batch_size,
-            seed=seed + i,
-            accelerator=accelerator,
-            name=f"{name}[{i}]",
-            model_kwargs=model_kwargs,
-            checkpoint=(checkpoints or CheckpointDir(None))(f"member{i}"),
-            progress=progress,
-        )
-        metrics = evaluate(trained.model, val_loader, task=task, accelerator=accelerator)
+        trained = train_one(setup, train_set, stage, seed=seed + i, name=f"{name}[{i}]", checkpoint=checkpoints(f"member{i}"))
+        metrics = evaluate(trained.model, val_loader, task=setup.task, accelerator=setup.accelerator)
         reports += trained.reports
         validation.append(metrics)
-        if best is None or score(task, metrics) < best_score:
-            best, best_score = trained.model, score(task, metrics)
+        if best is None or score(setup.task, metrics) < best_score:
+            best, best_score = trained.model, score(setup.task, metrics)
     return Trained(best, reports, validation)
