@@ -72,13 +72,6 @@ class MergeSpec:
             "groups": [g.to_dict() for g in self.groups],
         }
 
-    def group(self, name: str) -> ChannelGroup:
-        """The group called ``name``."""
-        for g in self.groups:
-            if g.name == name:
-                return g
-        raise KeyError(name)
-
     def layer_roles(self) -> dict[str, tuple[ChannelGroup | None, ChannelGroup | None, int]]:
         """For each weight layer: (group on its output, group on its input, input expansion)."""
         roles: dict[str, tuple[ChannelGroup | None, ChannelGroup | None, int]] = {}
