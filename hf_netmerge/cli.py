@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
-from .config import MergeConfig
+from .config import MergeConfig, apply_overrides
 from .errors import ConfigError, NetMergeError
 from .spec import MergeSpec
 
@@ -33,12 +34,7 @@ def _merge_config(args: argparse.Namespace, task: str) -> MergeConfig:
     values: dict = {"task": task}
     if args.config:
         values.update(MergeConfig.from_yaml(args.config).to_dict())
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        values[key] = yaml.safe_load(raw)
-    return MergeConfig.from_dict(values)
+    return MergeConfig.from_dict(apply_overrides(values, args.set))
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -70,11 +66,11 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import RecipeConfig, apply_overrides
+    from .config import RecipeConfig
     from .training.recipe import run_recipe
 
     try:
-        data = yaml.safe_load(open(args.recipe).read()) or {}
+        data = yaml.safe_load(Path(args.recipe).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read recipe {args.recipe}: {e}") from e
     recipe = RecipeConfig.from_dict(apply_overrides(data, args.overrides))
