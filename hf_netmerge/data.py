@@ -1,4 +1,4 @@
-"""Datasets → DataLoaders, the up-front data checks, and the offline sine problem."""
+"""Datasets → DataLoaders, the up-front data checks, the offline datasets (sine, Fashion-MNIST, MNIST) and named datasets."""
 
 from __future__ import annotations
 
