@@ -118,7 +118,7 @@ class TaylorMask(nn.Module):
 class GateSite(nn.Module):
     """Wraps the module whose output carries a channel group and gates that output."""
 
-    def __init__(self, base: nn.Module, gate: HardConcreteGate) -> None:
+    def __init__(self, base: nn.Module, gate: nn.Module) -> None:
         super().__init__()
         self.base = base
         # Not registered as a submodule: the gate belongs to GatedModel.gates (one copy even when shared).

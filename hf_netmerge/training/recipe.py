@@ -100,11 +100,11 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | os.PathLike[str], overwri
     """Run every seed of ``recipe`` into ``output_dir`` (resuming a same-recipe run there); returns the results."""
     out = Path(output_dir)
     probe = _check_recipe(recipe)
-    first = _Data(recipe, probe, recipe.seeds[0])
+    # The sine data is generated per seed (checked here, reused below); any other dataset is loaded once.
+    per_seed = recipe.seeds if recipe.data.dataset == "sine" else recipe.seeds[:1]
+    loaded = {seed: _Data(recipe, probe, seed) for seed in per_seed}
+    first = loaded[recipe.seeds[0]]
     given = [load_teacher(ref, recipe.architecture, recipe.model_args)[0] for ref in recipe.teachers]
-    for seed in recipe.seeds[1:]:
-        if recipe.data.dataset == "sine":
-            _Data(recipe, probe, seed)
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
     accelerator = make_accelerator(
@@ -123,7 +123,7 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | os.PathLike[str], overwri
     strategies = ["student", *recipe.baselines]
     runs = []
     for seed in recipe.seeds:
-        data = first if seed == recipe.seeds[0] or recipe.data.dataset != "sine" else _Data(recipe, probe, seed)
+        data = loaded.get(seed, first)
         checkpoints = CheckpointDir(out / "checkpoints", recipe.checkpoint_every, accelerator.is_main_process).sub(f"seed{seed}")
         row = _run_seed(recipe, seed, data, given, accelerator, checkpoints, out, metric, progress)
         runs.append(row)
