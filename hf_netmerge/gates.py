@@ -50,8 +50,8 @@ class HardConcreteGate(nn.Module):
 
     def sample(self, batch: int) -> torch.Tensor:
         """A fresh ``(batch, size)`` draw of the stretched, clamped concrete distribution."""
-        u = torch.rand(batch, self.size, device=self.log_alpha.device)
-        s = torch.sigmoid((torch.logit(u, eps=_EPS) + self.log_alpha) / BETA)
+        noise = torch.empty(batch, self.size, device=self.log_alpha.device).uniform_(_EPS, 1.0 - _EPS).logit_()
+        s = torch.sigmoid((noise + self.log_alpha) * (1.0 / BETA))
         return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
     def clear_sample(self) -> None:

@@ -56,6 +56,28 @@ def test_gradient_accumulation_steps_once_per_two_batches():
     assert report.steps == 2 and report.samples == 64
 
 
+@pytest.mark.parametrize("size", [64, 70])
+def test_tensor_loader_gives_its_dataloaders_batches_epoch_after_epoch(size):
+    data = _images(size)
+    fast = make_loader(data, 16, shuffle=True, seed=3)
+    slow = make_loader(data, 16, shuffle=True, seed=3).dataloader()
+    assert len(fast) == len(slow)
+    for _ in range(3):
+        for (x, y), (u, v) in zip(fast, slow, strict=True):
+            assert torch.equal(x, u) and torch.equal(y, v)
+
+
+def test_runner_trains_the_same_from_a_tensor_loader_and_from_its_dataloader():
+    accelerator = make_accelerator("no", cpu=True)
+    weights = []
+    for convert in (False, True):
+        model, loader = _lenet(0), make_loader(_images(70), 16, shuffle=True, seed=0)
+        train_stage(model, loader.dataloader() if convert else loader, StageConfig(epochs=2, lr=0.05), task="classification",
+                    accelerator=accelerator, name="x", progress=False)
+        weights.append(_flat(model))
+    assert torch.equal(weights[0], weights[1])
+
+
 def test_fp16_on_cpu_is_refused_up_front():
     with pytest.raises(hm.ConfigError, match="fp16"):
         make_accelerator("fp16", cpu=True)

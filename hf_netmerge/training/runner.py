@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import StageConfig
+from ..data import Loader, TensorLoader
 from ..errors import ConfigError, NonFiniteLossError
 from .checkpoint import StageCheckpoint
 
@@ -101,7 +102,7 @@ def _optimizer_needs_accelerate(accelerator: Accelerator) -> bool:
 
 def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy for classification, MSE for regression; always computed in fp32."""
-    output = output.float()
+    output = output if output.dtype == torch.float32 else output.float()
     if task == "classification":
         return F.cross_entropy(output, target.long())
     return F.mse_loss(output, target.float().view_as(output))
@@ -119,7 +120,7 @@ def lr_factor(stage: StageConfig) -> Callable[[int], float]:
 
 def train_stage(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Loader,
     stage: StageConfig,
     *,
     task: str,
@@ -137,20 +138,32 @@ def train_stage(
     its loss is added each step and its parameters (kept fp32) get Adam at a constant ``gate_lr``
     without weight decay. With a ``checkpoint``, the stage resumes from its newest complete checkpoint
     and writes one at epoch boundaries. Metrics go to the accelerator's trackers as ``<name>/...``.
+    A :class:`TensorLoader` in a single process without accumulation or loss scaling is iterated and
+    back-propagated directly (tiny models spend most of a step in per-batch overhead, and
+    ``accelerator.backward`` adds a division); elsewhere Accelerate shards its DataLoader.
     """
     extra = regularizer.parameters() if regularizer is not None else []
     extra_ids = {id(p) for p in extra}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in extra_ids]
-    optimizer = torch.optim.SGD(weights, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
+    optimizer = torch.optim.SGD(weights, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(stage))
     optimizers = [optimizer]
     if extra:
-        optimizers.append(torch.optim.Adam(extra, lr=gate_lr, weight_decay=0.0, foreach=True))
+        optimizers.append(torch.optim.Adam(extra, lr=gate_lr, weight_decay=0.0, fused=True))
     report = StageReport(stage=name, epochs=stage.epochs, steps=0, seconds=0.0, samples=0)
     start_epoch = _resume(checkpoint, model, optimizers, scheduler, regularizer, loader, report)
     if _optimizer_needs_accelerate(accelerator):
         optimizers = list(accelerator.prepare(*optimizers)) if len(optimizers) > 1 else [accelerator.prepare(optimizers[0])]
-    train_model, train_loader = accelerator.prepare(model, loader)
+    direct = (
+        isinstance(loader, TensorLoader)
+        and accelerator.num_processes == 1
+        and accelerator.gradient_accumulation_steps == 1
+        and not _optimizer_needs_accelerate(accelerator)
+    )
+    if direct:
+        train_model, train_loader = accelerator.prepare(model), loader.to(accelerator.device)
+    else:
+        train_model, train_loader = accelerator.prepare(model, _as_dataloader(loader))
     bar = tqdm(
         range(start_epoch, stage.epochs),
         desc=name,
@@ -163,15 +176,16 @@ def train_stage(
     train_model.train()
     for epoch in bar:
         epoch_start = time.perf_counter()
-        total = torch.zeros((), device=accelerator.device)
-        first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # no host sync per step
-        seen = 0
-        for batch_index, (inputs, targets) in enumerate(train_loader):
+        losses: list[torch.Tensor] = []  # no host sync per step: read once at the end of the epoch
+        sizes: list[int] = []
+        for inputs, targets in train_loader:
             with accelerator.accumulate(train_model):
                 loss = task_loss(task, train_model(inputs), targets)
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), batch_index, first_bad)
                 objective = loss + regularizer.loss()[0] if regularizer is not None else loss
-                accelerator.backward(objective)
+                if direct:
+                    objective.backward()
+                else:
+                    accelerator.backward(objective)
                 if accelerator.sync_gradients:
                     if stage.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(weights, stage.max_grad_norm)
@@ -179,8 +193,10 @@ def train_stage(
                         opt.step()
                         opt.zero_grad(set_to_none=True)
                     report.steps += 1
-            total += loss.detach() * len(targets)
-            seen += len(targets)
+            losses.append(loss.detach())
+            sizes.append(len(targets))
+        seen = sum(sizes)
+        total, first_bad = _epoch_loss(losses, sizes, accelerator.device)
         count = accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum")
         epoch_loss = float(accelerator.reduce(total, "sum")) / max(int(count), 1)
         bad = [int(b) for b in accelerator.gather(first_bad[None]) if b >= 0]  # every process sees the same and stops
@@ -213,12 +229,26 @@ def train_stage(
     return report
 
 
+def _as_dataloader(loader: Loader) -> DataLoader:
+    return loader.dataloader() if isinstance(loader, TensorLoader) else loader
+
+
+def _epoch_loss(losses: list[torch.Tensor], sizes: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The size-weighted loss sum of an epoch's batches and the index of the first non-finite one (-1: none)."""
+    if not losses:
+        return torch.zeros((), device=device), torch.full((), -1, dtype=torch.long, device=device)
+    values = torch.stack(losses).float()
+    bad = ~torch.isfinite(values)
+    first_bad = torch.where(bad.any(), bad.long().argmax(), -1)
+    return (values * torch.tensor(sizes, dtype=values.dtype, device=device)).sum(), first_bad
+
+
 def _unwrapped(opt: Any) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)
 
 
 def _stage_state(
-    model: nn.Module, optimizers: list, scheduler: Any, regularizer: Regularizer | None, loader: DataLoader, report: StageReport
+    model: nn.Module, optimizers: list, scheduler: Any, regularizer: Regularizer | None, loader: Loader, report: StageReport
 ) -> dict[str, Any]:
     generator = getattr(loader, "generator", None)
     return {
@@ -237,7 +267,7 @@ def _resume(
     optimizers: list,
     scheduler: Any,
     regularizer: Regularizer | None,
-    loader: DataLoader,
+    loader: Loader,
     report: StageReport,
 ) -> int:
     """Restore the newest complete checkpoint into the stage's objects; returns the epochs already done."""
@@ -258,7 +288,7 @@ def _resume(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, *, task: str, accelerator: Accelerator) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Loader, *, task: str, accelerator: Accelerator) -> dict[str, float]:
     """Mean loss (and accuracy for classification, ``mse`` for regression) of ``model`` in eval mode.
 
     The model's train/eval mode is restored afterwards.
@@ -266,7 +296,7 @@ def evaluate(model: nn.Module, loader: DataLoader, *, task: str, accelerator: Ac
     was_training = model.training
     model.eval()
     model.to(accelerator.device)
-    eval_loader = accelerator.prepare_data_loader(loader)
+    eval_loader = accelerator.prepare_data_loader(_as_dataloader(loader))
     loss_sum, correct, count = 0.0, 0, 0
     for inputs, targets in eval_loader:
         with accelerator.autocast():
@@ -285,13 +315,13 @@ def evaluate(model: nn.Module, loader: DataLoader, *, task: str, accelerator: Ac
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> torch.Tensor:
+def predict(model: nn.Module, loader: Loader, accelerator: Accelerator) -> torch.Tensor:
     """All outputs of ``model`` (eval mode) over ``loader``, gathered, in loader order, fp32."""
     was_training = model.training
     model.eval()
     model.to(accelerator.device)
     outputs = []
-    for inputs, _ in accelerator.prepare_data_loader(loader):
+    for inputs, _ in accelerator.prepare_data_loader(_as_dataloader(loader)):
         with accelerator.autocast():
             outputs.append(accelerator.gather_for_metrics(model(inputs).float()))
     model.train(was_training)

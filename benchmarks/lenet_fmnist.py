@@ -1,0 +1,103 @@
+"""LeNet on Fashion-MNIST (the paper's Table 2 set-up at CPU-sized epochs): student, bo3, one model and pruning.
+
+    .venv/bin/python benchmarks/lenet_fmnist.py [--seeds 5] [--workers 2] [--set key=value ...]
+
+Budgets come from ``recipes/lenet-fashion-mnist-cpu.yaml`` (12 epochs per strategy), on the first
+``data.max_train_samples`` (default 20 000) images of Debian's Fashion-MNIST training set, of which
+``data.val_fraction`` is held out for bo3's choice; every strategy trains on the rest and is scored on
+the 10 000 test images. Seeds vary the initializations and the shuffling. Writes ``lenet_fmnist.json``,
+``lenet_fmnist.md`` and ``lenet_fmnist_box.png`` into ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from _common import RESULTS, SeedData, command, load_recipe, machine, run_seed, run_seeds, stats
+from hf_netmerge.config import RecipeConfig
+from hf_netmerge.data import fashion_mnist, split, subset
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ["student", "bo3", "one_model", "pruning", "ensemble", "teacher_a", "teacher_b"]
+
+
+def job(seed: int, recipe: RecipeConfig) -> dict:
+    train = fashion_mnist("train")
+    limit = recipe.data.max_train_samples
+    if limit is not None:
+        train = subset(train, torch.arange(min(limit, len(train))))
+    train, val = split(train, recipe.data.val_fraction, seed=0)
+    return run_seed(recipe, seed, SeedData(train=train, val=val, test=fashion_mnist("test")), equal_compute=False)
+
+
+def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig) -> str:
+    lines = [f"# LeNet on Fashion-MNIST ({len(runs)} seeds, {recipe.data.max_train_samples} training images, "
+             f"{recipe.teacher.epochs * 3} epochs per strategy, {machine()['cpu']}, 1 thread per seed)", "",
+             f"Command: `{command()}`", "",
+             "| strategy | min | median | mean | max | std | training MACs / student's | CPU s per seed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in STRATEGIES:
+        t = summary[name]
+        macs = f"{summary['macs_over_student'][name]:.2f}" if name in summary["macs_over_student"] else ""
+        secs = f"{summary['cpu_seconds'][name]['mean']:.0f}" if name in summary["cpu_seconds"] else ""
+        lines.append(f"| {name} | {t['min']:.4f} | {t['median']:.4f} | {t['mean']:.4f} | {t['max']:.4f} | {t['std']:.4f} "
+                     f"| {macs} | {secs} |")
+    mean = summary["student"]["mean"]
+    met = mean > summary["bo3"]["mean"] and mean > summary["one_model"]["mean"]
+    lines += ["", "Test accuracy. Student better than: " + "; ".join(
+        f"{k.replace('_', ' ')} in {w}/{len(runs)} seeds" for k, w in summary["student_wins"].items()) + ".", "",
+        "| target | measured | |", "|---|---|---|",
+        f"| student mean accuracy above bo3's and one model's | {mean:.4f} vs {summary['bo3']['mean']:.4f} and "
+        f"{summary['one_model']['mean']:.4f} | {'met' if met else '**missed**'} |", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "lenet-fashion-mnist-cpu.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-lenet-fmnist")
+    args = parser.parse_args()
+    recipe = load_recipe(args.recipe, ["data.max_train_samples=20000", *args.overrides])
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    runs = run_seeds(functools.partial(job, recipe=recipe), seeds, args.work_dir, args.workers)
+    summary: dict = {name: stats([r[name] for r in runs]) for name in STRATEGIES}
+    summary["student_wins"] = {name: sum(r["student"] > r[name] for r in runs) for name in STRATEGIES[1:4]}
+    summary["cpu_seconds"] = {name: stats([r["seconds"][name] for r in runs]) for name in runs[0]["seconds"]}
+    summary["macs_over_student"] = {name: runs[0]["macs"][name] / runs[0]["macs"]["student"] for name in runs[0]["macs"]}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "lenet_fmnist.json").write_text(json.dumps({
+        "command": command(), "machine": machine(), "recipe": recipe.to_dict(),
+        "protocol": "shared training subset, bo3 on its validation split, the 10k test set", "summary": summary,
+        "runs": [{k: v for k, v in r.items() if k != "curves"} for r in runs]}, indent=1))
+    (RESULTS / "lenet_fmnist.md").write_text(markdown(summary, runs, recipe))
+    box_plot(runs)
+    print((RESULTS / "lenet_fmnist.md").read_text())
+
+
+def box_plot(runs: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = STRATEGIES[:4]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.boxplot([[r[n] for r in runs] for n in names], orientation="horizontal", showmeans=True, meanprops={"marker": "x"})
+    ax.set_yticks(range(1, len(names) + 1), [n.replace("_", " ") for n in names])
+    ax.set_xlabel("test accuracy")
+    ax.set_title(f"LeNet on Fashion-MNIST, {len(runs)} seeds")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "lenet_fmnist_box.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
