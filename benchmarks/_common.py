@@ -181,3 +181,22 @@ def run_seeds(job: Callable[[int], dict[str, Any]], seeds: list[int], cache: Pat
 def stats(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "mean": statistics.fmean(values), "max": max(values),
             "std": statistics.pstdev(values), "n": len(values)}
+
+
+def bar_chart(path: Path, panels: list[tuple[str, dict[str, float], float | None]]) -> None:
+    """One horizontal bar panel per ``(title, {label: value}, target line or None)``, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 0.5 + 0.45 * max(len(v) for _, v, _ in panels)), squeeze=False)
+    for ax, (title, values, target) in zip(axes[0], panels):
+        ax.barh(list(values), list(values.values()), color="tab:blue")
+        if target is not None:
+            ax.axvline(target, color="tab:red", linestyle=":", label=f"target {target:g}")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

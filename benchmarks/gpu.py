@@ -8,7 +8,7 @@ proportion). ``--dataset synthetic`` (the default, as the GPU machines have no n
 class-prototype images, so its accuracies only show that training works; ``cifar100``/``cifar10`` or a
 local ``save_to_disk`` directory give real ones. Throughput: samples/s of the stage runner and of a plain
 bf16 loop on the same teacher model, data (in GPU memory) and batch, and of the gate stage. Writes
-``gpu.json`` and ``gpu.md`` into ``benchmarks/results/`` with the GPU's name. Refuses to run without a
+``gpu.json``, ``gpu.md`` and ``gpu.png`` into ``benchmarks/results/`` with the GPU's name. Refuses to run without a
 GPU unless ``--allow-cpu`` (used to check the script on small settings).
 """
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import hf_netmerge as hm
-from _common import RESULTS, SeedData, command, load_recipe, machine, moved, run_seed, stats, stretched
+from _common import RESULTS, SeedData, bar_chart, command, load_recipe, machine, moved, run_seed, stats, stretched
 from hf_netmerge.config import RecipeConfig, StageConfig
 from hf_netmerge.data import TensorBatchDataset, load_data, make_loader, prepare_dataset, split
 from hf_netmerge.gates import GateRegularizer
@@ -153,6 +153,9 @@ def main() -> None:
     lines += [f"| {n} | {summary[n]['mean']:.4f} | {summary[n]['min']:.4f} | {summary[n]['max']:.4f} | {summary[n]['n']} |"
               for n in strategies]
     (RESULTS / "gpu.md").write_text("\n".join(lines) + "\n")
+    bar_chart(RESULTS / "gpu.png", [(f"samples/s ({gpu})", {"plain loop": plain, "runner": throughput["runner_samples_per_s"],
+                                                           "gate stage": throughput["gate_samples_per_s"]}, None),
+                                    ("mean test accuracy", {n: summary[n]["mean"] for n in strategies}, None)])
     print((RESULTS / "gpu.md").read_text())
 
 

@@ -7,7 +7,7 @@
 (c) ``concatenate`` + ``compress`` seconds for resnet18/resnet50, and the peak resident memory while
 the gate-stage model is built (``concatenate`` + ``add_gates``), over one teacher's parameter bytes.
 (d) CPU seconds of one seed of the whole sine student pipeline at ``recipes/sine.yaml``'s budget.
-Writes ``speed.json`` and ``speed.md`` into ``benchmarks/results/``; a missed target says so.
+Writes ``speed.json``, ``speed.md`` and ``speed.png`` into ``benchmarks/results/``; a missed target says so.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import hf_netmerge as hm
-from _common import RESULTS, command, load_recipe, machine
+from _common import RESULTS, bar_chart, command, load_recipe, machine
 from hf_netmerge.config import StageConfig
 from hf_netmerge.data import TensorBatchDataset, make_loader, sine_data
 from hf_netmerge.gates import GateRegularizer
@@ -199,6 +199,15 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speed.json").write_text(json.dumps(results, indent=2))
     (RESULTS / "speed.md").write_text(markdown(results, args.threads))
+    speeds, surgeries = results["throughput"], results["surgery"]
+    bar_chart(RESULTS / "speed.png", [
+        ("(a) runner / plain loop", {k: t["runner_over_plain"] for k, t in speeds.items()}, TARGETS["runner_over_plain"]),
+        ("(b) gate epoch / teacher epoch", {k: t["gate_epoch_over_teacher_epoch"] for k, t in speeds.items()},
+         TARGETS["gate_over_teacher"]),
+        ("(c) concatenate + compress, s", {k: s["total_s"] for k, s in surgeries.items()}, TARGETS["resnet50_surgery_s"]),
+        ("(c) peak memory / teacher bytes", {k: s["peak_rss_growth_over_teacher_bytes"] for k, s in surgeries.items()},
+         TARGETS["gate_model_memory"]),
+    ])
     print((RESULTS / "speed.md").read_text())
 
 
