@@ -178,6 +178,19 @@ def run_seeds(job: Callable[[int], dict[str, Any]], seeds: list[int], cache: Pat
     return [json.loads((cache / f"seed{s}.json").read_text()) for s in seeds]
 
 
+def strategy_table(summary: dict[str, Any], names: list[str]) -> list[str]:
+    """Markdown rows of each strategy's statistics, its training multiply-adds and CPU seconds (where known)."""
+    lines = ["| strategy | min | median | mean | max | std | seeds | training MACs / student's | CPU s per seed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in (n for n in names if n in summary):
+        t = summary[name]
+        macs = f"{summary['macs_over_student'][name]:.2f}" if name in summary["macs_over_student"] else ""
+        secs = f"{summary['cpu_seconds'][name]['mean']:.1f}" if name in summary["cpu_seconds"] else ""
+        lines.append(f"| {name} | {t['min']:.4f} | {t['median']:.4f} | {t['mean']:.4f} | {t['max']:.4f} | {t['std']:.4f} "
+                     f"| {t['n']} | {macs} | {secs} |")
+    return lines
+
+
 def stats(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "mean": statistics.fmean(values), "max": max(values),
             "std": statistics.pstdev(values), "n": len(values)}

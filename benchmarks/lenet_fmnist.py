@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS, SeedData, command, load_recipe, machine, run_seed, run_seeds, stats
+from _common import RESULTS, SeedData, command, load_recipe, machine, run_seed, run_seeds, stats, strategy_table
 from hf_netmerge.config import RecipeConfig
 from hf_netmerge.data import fashion_mnist, split, subset
 
@@ -39,14 +39,7 @@ def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig) -> str:
     lines = [f"# LeNet on Fashion-MNIST ({len(runs)} seeds, {recipe.data.max_train_samples} training images, "
              f"{recipe.teacher.epochs * 3} epochs per strategy, {machine()['cpu']}, 1 thread per seed)", "",
              f"Command: `{command()}`", "",
-             "| strategy | min | median | mean | max | std | training MACs / student's | CPU s per seed |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name in STRATEGIES:
-        t = summary[name]
-        macs = f"{summary['macs_over_student'][name]:.2f}" if name in summary["macs_over_student"] else ""
-        secs = f"{summary['cpu_seconds'][name]['mean']:.0f}" if name in summary["cpu_seconds"] else ""
-        lines.append(f"| {name} | {t['min']:.4f} | {t['median']:.4f} | {t['mean']:.4f} | {t['max']:.4f} | {t['std']:.4f} "
-                     f"| {macs} | {secs} |")
+             *strategy_table(summary, STRATEGIES)]
     mean = summary["student"]["mean"]
     met = mean > summary["bo3"]["mean"] and mean > summary["one_model"]["mean"]
     lines += ["", "Test accuracy. Student better than: " + "; ".join(

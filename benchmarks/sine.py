@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS, SeedData, command, load_recipe, machine, run_seeds, run_seed, stats
+from _common import RESULTS, SeedData, command, load_recipe, machine, run_seed, run_seeds, stats, strategy_table
 from hf_netmerge.config import RecipeConfig
 from hf_netmerge.data import sine_data
 
@@ -44,11 +44,11 @@ def summarize(runs: list[dict]) -> dict:
         for name in STRATEGIES[1:5] if name in summary
     }
     summary["cpu_seconds"] = {name: stats([r["seconds"][name] for r in runs if name in r["seconds"]]) for name in runs[0]["seconds"]}
-    summary["macs_over_student"] = {name: statistics_ratio(runs, name) for name in runs[0]["macs"]}
+    summary["macs_over_student"] = {name: mean_macs_ratio(runs, name) for name in runs[0]["macs"]}
     return summary
 
 
-def statistics_ratio(runs: list[dict], name: str) -> float:
+def mean_macs_ratio(runs: list[dict], name: str) -> float:
     values = [r["macs"][name] / r["macs"]["student"] for r in runs if name in r["macs"]]
     return sum(values) / len(values)
 
@@ -59,15 +59,7 @@ def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig) -> str:
     wins_ok = all(w["wins"] >= math.ceil(TARGET_WINS * w["seeds"]) for k, w in summary["student_wins"].items() if k in ("bo3", "one_model"))
     lines = [f"# Sine problem, fair protocol ({seeds} seeds, batch {recipe.batch_size}, {machine()['cpu']}, 1 thread per seed)", "",
              f"Command: `{command()}`", "",
-             "| strategy | min | median | mean | max | std | seeds | training MACs / student's | CPU s per seed |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name in STRATEGIES:
-        if name in summary:
-            t = summary[name]
-            macs = f"{summary['macs_over_student'][name]:.2f}" if name in summary["macs_over_student"] else ""
-            secs = f"{summary['cpu_seconds'][name]['mean']:.1f}" if name in summary["cpu_seconds"] else ""
-            lines.append(f"| {name} | {t['min']:.4f} | {t['median']:.4f} | {t['mean']:.4f} | {t['max']:.4f} | {t['std']:.4f} "
-                         f"| {t['n']} | {macs} | {secs} |")
+             *strategy_table(summary, STRATEGIES)]
     lines += ["", "Test MSE (the noise alone gives 0.04). Student better than: " + "; ".join(
         f"{k.replace('_', ' ')} in {w['wins']}/{w['seeds']} seeds" for k, w in summary["student_wins"].items()) + ".", "",
         "| target | measured | |", "|---|---|---|",
