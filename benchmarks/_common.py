@@ -4,6 +4,7 @@ a process pool with a per-seed cache, and the machine description written next t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -21,8 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import hf_netmerge as hm
-from hf_netmerge.config import RecipeConfig, StageConfig
-from hf_netmerge.config import apply_overrides
+from hf_netmerge.config import RecipeConfig, StageConfig, apply_overrides
 from hf_netmerge.data import TensorBatchDataset, make_loader
 from hf_netmerge.training import evaluate, make_accelerator, predict
 from hf_netmerge.training.pruning import prune_baseline
@@ -164,9 +164,17 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_seeds(job: Callable[[int], dict[str, Any]], seeds: list[int], cache: Path, workers: int) -> list[dict[str, Any]]:
-    """``job(seed)`` for every seed not yet in ``cache`` (one JSON per seed), ``workers`` processes of one thread."""
+def run_seeds(job: Callable[[int], dict[str, Any]], seeds: list[int], work_dir: Path, workers: int,
+              settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """``job(seed)`` for every seed not yet cached, in ``workers`` processes of one thread.
+
+    Results are cached one JSON per seed under ``work_dir/<digest of settings>``, so a rerun with the
+    same settings resumes and one with other settings starts afresh.
+    """
+    canonical = json.dumps(settings, sort_keys=True)
+    cache = work_dir / hashlib.sha256(canonical.encode()).hexdigest()[:16]
     cache.mkdir(parents=True, exist_ok=True)
+    (cache / "settings.json").write_text(canonical)
     todo = [s for s in seeds if not (cache / f"seed{s}.json").is_file()]
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_worker_init, initargs=(1,)) as pool:

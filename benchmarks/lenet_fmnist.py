@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, ["data.max_train_samples=20000", *args.overrides])
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    runs = run_seeds(functools.partial(job, recipe=recipe), seeds, args.work_dir, args.workers)
+    runs = run_seeds(functools.partial(job, recipe=recipe), seeds, args.work_dir, args.workers, {"recipe": recipe.to_dict()})
     summary: dict = {name: stats([r[name] for r in runs]) for name in STRATEGIES}
     summary["student_wins"] = {name: sum(r["student"] > r[name] for r in runs) for name in STRATEGIES[1:4]}
     summary["cpu_seconds"] = {name: stats([r["seconds"][name] for r in runs]) for name in runs[0]["seconds"]}

@@ -114,8 +114,9 @@ def main() -> None:
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    run = functools.partial(job, recipe=recipe, equal_compute_seeds=set(seeds[: args.equal_compute_seeds]))
-    runs = run_seeds(run, seeds, args.work_dir, args.workers)
+    equal_compute_seeds = seeds[: args.equal_compute_seeds]
+    run = functools.partial(job, recipe=recipe, equal_compute_seeds=set(equal_compute_seeds))
+    runs = run_seeds(run, seeds, args.work_dir, args.workers, {"recipe": recipe.to_dict(), "equal_compute_seeds": equal_compute_seeds})
     summary = summarize(runs)
     RESULTS.mkdir(exist_ok=True)
     slim = [{k: v for k, v in r.items() if k != "curves"} for r in runs]
