@@ -1,12 +1,12 @@
 """LeNet on Fashion-MNIST (the paper's Table 2 set-up at CPU-sized epochs): student, bo3, one model and pruning.
 
-    .venv/bin/python benchmarks/lenet_fmnist.py [--seeds 5] [--workers 2] [--set key=value ...]
+    .venv/bin/python benchmarks/lenet_fmnist.py [--seeds 5] [--workers 2] [--set key=value ...] [--name lenet_fmnist]
 
 Budgets come from ``recipes/lenet-fashion-mnist-cpu.yaml`` (12 epochs per strategy), on the first
 ``data.max_train_samples`` (default 20 000) images of Debian's Fashion-MNIST training set, of which
 ``data.val_fraction`` is held out for bo3's choice; every strategy trains on the rest and is scored on
-the 10 000 test images. Seeds vary the initializations and the shuffling. Writes ``lenet_fmnist.json``,
-``lenet_fmnist.md`` and ``lenet_fmnist_box.png`` into ``benchmarks/results/``.
+the 10 000 test images. Seeds vary the initializations and the shuffling. Writes ``<name>.json``,
+``<name>.md`` and ``<name>_box.png`` into ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -58,38 +58,39 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "lenet-fashion-mnist-cpu.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-lenet-fmnist")
+    parser.add_argument("--name", default="lenet_fmnist", help="stem of the result files")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, ["data.max_train_samples=20000", *args.overrides])
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     runs = run_seeds(functools.partial(job, recipe=recipe), seeds, args.work_dir, args.workers, {"recipe": recipe.to_dict()})
-    summary: dict = {name: stats([r[name] for r in runs]) for name in STRATEGIES}
-    summary["student_wins"] = {name: sum(r["student"] > r[name] for r in runs) for name in STRATEGIES[1:4]}
+    summary: dict = {name: stats([r[name] for r in runs]) for name in STRATEGIES if name in runs[0]}
+    summary["student_wins"] = {name: sum(r["student"] > r[name] for r in runs) for name in STRATEGIES[1:4] if name in summary}
     summary["cpu_seconds"] = {name: stats([r["seconds"][name] for r in runs]) for name in runs[0]["seconds"]}
     summary["macs_over_student"] = {name: runs[0]["macs"][name] / runs[0]["macs"]["student"] for name in runs[0]["macs"]}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lenet_fmnist.json").write_text(json.dumps({
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({
         "command": command(), "machine": machine(), "recipe": recipe.to_dict(),
         "protocol": "shared training subset, bo3 on its validation split, the 10k test set", "summary": summary,
         "runs": [{k: v for k, v in r.items() if k != "curves"} for r in runs]}, indent=1))
-    (RESULTS / "lenet_fmnist.md").write_text(markdown(summary, runs, recipe))
-    box_plot(runs)
-    print((RESULTS / "lenet_fmnist.md").read_text())
+    (RESULTS / f"{args.name}.md").write_text(markdown(summary, runs, recipe))
+    box_plot(runs, RESULTS / f"{args.name}_box.png")
+    print((RESULTS / f"{args.name}.md").read_text())
 
 
-def box_plot(runs: list[dict]) -> None:
+def box_plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = STRATEGIES[:4]
+    names = [n for n in STRATEGIES[:4] if n in runs[0]]
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.boxplot([[r[n] for r in runs] for n in names], orientation="horizontal", showmeans=True, meanprops={"marker": "x"})
     ax.set_yticks(range(1, len(names) + 1), [n.replace("_", " ") for n in names])
     ax.set_xlabel("test accuracy")
     ax.set_title(f"LeNet on Fashion-MNIST, {len(runs)} seeds")
     fig.tight_layout()
-    fig.savefig(RESULTS / "lenet_fmnist_box.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
