@@ -152,10 +152,11 @@ def run_seed(recipe: RecipeConfig, seed: int, data: SeedData, equal_compute: boo
         row["equal_compute_epochs"] = {"bo3_member": bo3_epochs, "one_model": one_epochs}
     models["teacher_a"], models["teacher_b"] = teachers
     models["ensemble"] = MeanEnsemble(*teachers)
+    grid_loader = make_loader(TensorBatchDataset(data.grid, torch.zeros_like(data.grid)), 1024, shuffle=False) \
+        if data.grid is not None else None
     for name, model in models.items():
         row[name] = evaluate(model, test_loader, task=recipe.task, accelerator=accelerator)[metric]
-        if data.grid is not None and name in ("student", "bo3", "one_model"):
-            grid_loader = make_loader(TensorBatchDataset(data.grid, torch.zeros_like(data.grid)), 1024, shuffle=False)
+        if grid_loader is not None and name in ("student", "bo3", "one_model"):
             row["curves"][name] = predict(model, grid_loader, accelerator)[:, 0].tolist()
     return row
 

@@ -38,16 +38,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def scaled(recipe: RecipeConfig, factor: float) -> RecipeConfig:
     """``recipe`` with every stage's epochs scaled by ``factor`` (at least 1)."""
 
-    def stage(s):
-        return stretched(s, max(1, round(s.epochs * factor)))
+    def epochs(n: int) -> int:
+        return max(1, round(n * factor))
+
+    def stage(s: StageConfig) -> StageConfig:
+        return stretched(s, epochs(s.epochs))
 
     merge = recipe.merge
-    gate_epochs, finetune_epochs = max(1, round(merge.gate_epochs * factor)), max(1, round(merge.finetune_epochs * factor))
-    merge = dataclasses.replace(merge, gate_epochs=gate_epochs, finetune_epochs=finetune_epochs,
+    finetune_epochs = epochs(merge.finetune_epochs)
+    merge = dataclasses.replace(merge, gate_epochs=epochs(merge.gate_epochs), finetune_epochs=finetune_epochs,
                                 finetune_milestones=moved(merge.finetune_milestones, merge.finetune_epochs, finetune_epochs),
                                 lambda_growth=merge.lambda_growth / factor)
     pruning = dataclasses.replace(recipe.pruning, train=stage(recipe.pruning.train), finetune=stage(recipe.pruning.finetune),
-                                  prune_epochs=max(1, round(recipe.pruning.prune_epochs * factor)))
+                                  prune_epochs=epochs(recipe.pruning.prune_epochs))
     return dataclasses.replace(recipe, teacher=stage(recipe.teacher), one_model=stage(recipe.one_model), merge=merge, pruning=pruning)
 
 

@@ -152,13 +152,14 @@ def train_stage(
         optimizers.append(torch.optim.Adam(extra, lr=gate_lr, weight_decay=0.0, fused=True))
     report = StageReport(stage=name, epochs=stage.epochs, steps=0, seconds=0.0, samples=0)
     start_epoch = _resume(checkpoint, model, optimizers, scheduler, regularizer, loader, report)
-    if _optimizer_needs_accelerate(accelerator):
+    wrapped_optimizers = _optimizer_needs_accelerate(accelerator)
+    if wrapped_optimizers:
         optimizers = list(accelerator.prepare(*optimizers)) if len(optimizers) > 1 else [accelerator.prepare(optimizers[0])]
     direct = (
         isinstance(loader, TensorLoader)
         and accelerator.num_processes == 1
         and accelerator.gradient_accumulation_steps == 1
-        and not _optimizer_needs_accelerate(accelerator)
+        and not wrapped_optimizers
     )
     if direct:
         train_model, train_loader = accelerator.prepare(model), loader.to(accelerator.device)
