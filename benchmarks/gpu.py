@@ -19,39 +19,20 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
+from _common import RESULTS, bar_chart, command, machine
 
 import hf_netmerge as hm
-from _common import RESULTS, SeedData, bar_chart, command, load_recipe, machine, moved, run_seed, stats, stretched
-from hf_netmerge.config import RecipeConfig, StageConfig
+from hf_netmerge.config import StageConfig
 from hf_netmerge.data import TensorBatchDataset, load_data, make_loader, prepare_dataset, split
+from hf_netmerge.experiments import Budgets, RecipeConfig, SeedData, Timer, load_recipe, run_seed, scale_recipe
+from hf_netmerge.experiments.report import stats
 from hf_netmerge.gates import GateRegularizer
 from hf_netmerge.training import make_accelerator, train_stage
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def scaled(recipe: RecipeConfig, factor: float) -> RecipeConfig:
-    """``recipe`` with every stage's epochs scaled by ``factor`` (at least 1)."""
-
-    def epochs(n: int) -> int:
-        return max(1, round(n * factor))
-
-    def stage(s: StageConfig) -> StageConfig:
-        return stretched(s, epochs(s.epochs))
-
-    merge = recipe.merge
-    finetune_epochs = epochs(merge.finetune_epochs)
-    merge = dataclasses.replace(merge, gate_epochs=epochs(merge.gate_epochs), finetune_epochs=finetune_epochs,
-                                finetune_milestones=moved(merge.finetune_milestones, merge.finetune_epochs, finetune_epochs),
-                                lambda_growth=merge.lambda_growth / factor)
-    pruning = dataclasses.replace(recipe.pruning, train=stage(recipe.pruning.train), finetune=stage(recipe.pruning.finetune),
-                                  prune_epochs=epochs(recipe.pruning.prune_epochs))
-    return dataclasses.replace(recipe, teacher=stage(recipe.teacher), one_model=stage(recipe.one_model), merge=merge, pruning=pruning)
 
 
 def synthetic(num_classes: int, size: int, seed: int, device: torch.device) -> TensorBatchDataset:
@@ -102,7 +83,7 @@ def throughput_stage(recipe: RecipeConfig, epochs: int) -> StageConfig:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "resnet20-cifar100.yaml")
+    parser.add_argument("--recipe", default="resnet20-cifar100", help="a packaged recipe name or a recipe file")
     parser.add_argument("--epochs-scale", type=float, default=0.05)
     parser.add_argument("--dataset", default="synthetic")
     parser.add_argument("--train-samples", type=int, default=50_000, help="synthetic training images")
@@ -116,7 +97,7 @@ def main() -> None:
         sys.exit("benchmarks/gpu.py needs a CUDA GPU (pass --allow-cpu to check the script on small settings)")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    recipe = scaled(load_recipe(args.recipe, args.overrides), args.epochs_scale)
+    recipe = scale_recipe(load_recipe(args.recipe, args.overrides), args.epochs_scale)
     num_classes = int(recipe.model_args.get("num_classes", 1000))
     if args.dataset == "synthetic":
         train, test = synthetic(num_classes, args.train_samples, 0, device), synthetic(num_classes, args.test_samples, 1, device)
@@ -138,7 +119,8 @@ def main() -> None:
     throughput["runner_over_plain"] = throughput["runner_samples_per_s"] / plain
     throughput["gate_epoch_over_teacher_epoch"] = throughput["runner_samples_per_s"] / throughput["gate_samples_per_s"]
     del gated, pair
-    runs = [run_seed(recipe, seed, SeedData(train=train, val=val, test=test), equal_compute=False)
+    data = SeedData(train=train, val=val, test=test, name=args.dataset)
+    runs = [run_seed(recipe, seed, data=data, accelerator=accelerator, observers=[Timer(), Budgets()], progress=False).row
             for seed in range(args.seeds)]
     strategies = ["student", *recipe.baselines, "ensemble", "teacher_a", "teacher_b"]
     summary = {name: stats([r[name] for r in runs]) for name in strategies}

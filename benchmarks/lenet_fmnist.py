@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/lenet_fmnist.py [--seeds 5] [--workers 2] [--set key=value ...] [--name lenet_fmnist]
 
-Budgets come from ``recipes/lenet-fashion-mnist-cpu.yaml`` (12 epochs per strategy), on the first
-``data.max_train_samples`` (default 20 000) images of Debian's Fashion-MNIST training set, of which
-``data.val_fraction`` is held out for bo3's choice; every strategy trains on the rest and is scored on
-the 10 000 test images. Seeds vary the initializations and the shuffling. Writes ``<name>.json``,
+A thin script over the experiment API: each seed is :func:`run_seed` of the packaged
+``lenet-fashion-mnist-cpu`` recipe (12 epochs per strategy) on the first ``data.max_train_samples``
+(default 20 000) images of Debian's Fashion-MNIST training set, of which ``data.val_fraction`` is held
+out for bo3's choice; every strategy trains on the rest and is scored on the 10 000 test images. Seeds vary the initializations and the shuffling. Writes ``<name>.json``,
 ``<name>.md`` and ``<name>_box.png`` into ``benchmarks/results/``.
 """
 
@@ -16,35 +16,27 @@ import functools
 import json
 from pathlib import Path
 
-import torch
+from _common import RESULTS, command, machine, run_seeds
 
-from _common import RESULTS, SeedData, command, load_recipe, machine, run_seed, run_seeds, stats, strategy_table
-from hf_netmerge.config import RecipeConfig
-from hf_netmerge.data import fashion_mnist, split, subset
+from hf_netmerge.experiments import Budgets, RecipeConfig, Timer, load_recipe, run_seed
+from hf_netmerge.experiments.report import markdown_table, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ["student", "bo3", "one_model", "pruning", "ensemble", "teacher_a", "teacher_b"]
 
 
 def job(seed: int, recipe: RecipeConfig) -> dict:
-    train = fashion_mnist("train")
-    limit = recipe.data.max_train_samples
-    if limit is not None:
-        train = subset(train, torch.arange(min(limit, len(train))))
-    train, val = split(train, recipe.data.val_fraction, seed=0)
-    return run_seed(recipe, seed, SeedData(train=train, val=val, test=fashion_mnist("test")), equal_compute=False)
+    return run_seed(recipe, seed, observers=[Timer(), Budgets()], progress=False).row
 
 
 def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig) -> str:
     lines = [f"# LeNet on Fashion-MNIST ({len(runs)} seeds, {recipe.data.max_train_samples} training images, "
              f"{recipe.teacher.epochs * 3} epochs per strategy, {machine()['cpu']}, 1 thread per seed)", "",
              f"Command: `{command()}`", "",
-             *strategy_table(summary, STRATEGIES)]
+             markdown_table(summary, STRATEGIES, "accuracy")]
     mean = summary["student"]["mean"]
     met = mean > summary["bo3"]["mean"] and mean > summary["one_model"]["mean"]
-    lines += ["", "Test accuracy. Student better than: " + "; ".join(
-        f"{k.replace('_', ' ')} in {w}/{len(runs)} seeds" for k, w in summary["student_wins"].items()) + ".", "",
-        "| target | measured | |", "|---|---|---|",
+    lines += ["| target | measured | |", "|---|---|---|",
         f"| student mean accuracy above bo3's and one model's | {mean:.4f} vs {summary['bo3']['mean']:.4f} and "
         f"{summary['one_model']['mean']:.4f} | {'met' if met else '**missed**'} |", ""]
     return "\n".join(lines)
@@ -55,7 +47,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "lenet-fashion-mnist-cpu.yaml")
+    parser.add_argument("--recipe", default="lenet-fashion-mnist-cpu", help="a packaged recipe name or a recipe file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-lenet-fmnist")
     parser.add_argument("--name", default="lenet_fmnist", help="stem of the result files")
@@ -63,10 +55,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe, ["data.max_train_samples=20000", *args.overrides])
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     runs = run_seeds(functools.partial(job, recipe=recipe), seeds, args.work_dir, args.workers, {"recipe": recipe.to_dict()})
-    summary: dict = {name: stats([r[name] for r in runs]) for name in STRATEGIES if name in runs[0]}
-    summary["student_wins"] = {name: sum(r["student"] > r[name] for r in runs) for name in STRATEGIES[1:4] if name in summary}
-    summary["cpu_seconds"] = {name: stats([r["seconds"][name] for r in runs]) for name in runs[0]["seconds"]}
-    summary["macs_over_student"] = {name: runs[0]["macs"][name] / runs[0]["macs"]["student"] for name in runs[0]["macs"]}
+    summary = summarize(runs, STRATEGIES, higher_is_better=True, baselines=STRATEGIES[1:4])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({
         "command": command(), "machine": machine(), "recipe": recipe.to_dict(),

@@ -2,13 +2,14 @@
 
     .venv/bin/python benchmarks/sine.py [--seeds 30] [--workers 2] [--equal-compute-seeds 10] [--set key=value ...]
 
-Each seed draws one 10k training set that every strategy trains on, a 2k validation set on which bo3
-picks its model (never the test set) and a fixed 10k test set. Budgets come from ``recipes/sine.yaml``
-(the paper's 900 epochs per strategy). The equal-compute baselines get as many training multiply-adds
-as the student used (counted on every Linear layer; the double-width gate stage costs more per epoch),
-so more epochs, with their learning-rate drop moved in proportion. Seeds already in ``--work-dir`` are
-not run again. Writes ``sine.json``, ``sine.md``, ``sine_box.png`` and ``sine_curves.png`` into
-``benchmarks/results/``.
+A thin script over the experiment API (``hf_netmerge.experiments``): each seed is :func:`run_seed` of the
+packaged ``sine`` recipe (the paper's 900 epochs per strategy) under the fair protocol — one 10k training
+set for every strategy, a 2k validation set on which bo3 picks its model (never the test set) and a
+fixed 10k test set. The equal-compute baselines are ``at_compute`` copies of bo3 and one model given as
+many training multiply-adds as the student used (counted on every Linear layer; the double-width gate
+stage costs more per epoch), so more epochs, with their learning-rate drop moved in proportion. Seeds already in ``--work-dir`` are
+not run again. Writes ``<name>.json``, ``<name>.md``, ``<name>_box.png`` and ``<name>_curves.png`` (``--name``, default ``sine``)
+into ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,21 @@ import math
 from pathlib import Path
 
 import torch
+from _common import RESULTS, command, machine, run_seeds
 
-from _common import RESULTS, SeedData, command, load_recipe, machine, run_seed, run_seeds, stats, strategy_table
-from hf_netmerge.config import RecipeConfig
-from hf_netmerge.data import sine_data
+from hf_netmerge.experiments import (
+    Budgets,
+    Curves,
+    ModelCost,
+    RecipeConfig,
+    StretchableStrategy,
+    Timer,
+    load_recipe,
+    load_seed_data,
+    run_seed,
+)
+from hf_netmerge.experiments.report import markdown_table, summarize
+from hf_netmerge.experiments.strategies import strategies_for
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ["student", "bo3", "one_model", "bo3_equal_compute", "one_model_equal_compute", "ensemble", "teacher_a", "teacher_b"]
@@ -31,26 +43,14 @@ TARGET_MEDIAN, TARGET_WINS, TARGET_SECONDS = 0.055, 25 / 30, 29.0
 
 
 def job(seed: int, recipe: RecipeConfig, equal_compute_seeds: set[int]) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    data = SeedData(train=sine_data(10_000, gen), val=sine_data(2_000, gen), test=sine_data(10_000, gen),
-                    grid=torch.linspace(0, 1, 500).view(-1, 1))
-    return run_seed(recipe, seed, data, equal_compute=seed in equal_compute_seeds)
-
-
-def summarize(runs: list[dict]) -> dict:
-    summary: dict = {name: stats([r[name] for r in runs if name in r]) for name in STRATEGIES if any(name in r for r in runs)}
-    summary["student_wins"] = {
-        name: {"wins": sum(r["student"] < r[name] for r in runs if name in r), "seeds": sum(name in r for r in runs)}
-        for name in STRATEGIES[1:5] if name in summary
-    }
-    summary["cpu_seconds"] = {name: stats([r["seconds"][name] for r in runs if name in r["seconds"]]) for name in runs[0]["seconds"]}
-    summary["macs_over_student"] = {name: mean_macs_ratio(runs, name) for name in runs[0]["macs"]}
-    return summary
-
-
-def mean_macs_ratio(runs: list[dict], name: str) -> float:
-    values = [r["macs"][name] / r["macs"]["student"] for r in runs if name in r["macs"]]
-    return sum(values) / len(values)
+    data = load_seed_data(recipe, seed)
+    strategies = strategies_for(recipe)
+    if seed in equal_compute_seeds:
+        cost = ModelCost.measure(recipe, data)
+        student_macs = strategies[0].budget(cost).macs
+        strategies += [s.at_compute(student_macs, cost) for s in strategies if isinstance(s, StretchableStrategy)]
+    observers = [Timer(), Budgets(), Curves(torch.linspace(0, 1, 500))]
+    return run_seed(recipe, seed, data=data, strategies=strategies, observers=observers, progress=False).row
 
 
 def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig) -> str:
@@ -59,20 +59,18 @@ def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig) -> str:
     wins_ok = all(w["wins"] >= math.ceil(TARGET_WINS * w["seeds"]) for k, w in summary["student_wins"].items() if k in ("bo3", "one_model"))
     lines = [f"# Sine problem, fair protocol ({seeds} seeds, batch {recipe.batch_size}, {machine()['cpu']}, 1 thread per seed)", "",
              f"Command: `{command()}`", "",
-             *strategy_table(summary, STRATEGIES)]
-    lines += ["", "Test MSE (the noise alone gives 0.04). Student better than: " + "; ".join(
-        f"{k.replace('_', ' ')} in {w['wins']}/{w['seeds']} seeds" for k, w in summary["student_wins"].items()) + ".", "",
-        "| target | measured | |", "|---|---|---|",
-        f"| student median test MSE ≤ {TARGET_MEDIAN} | {s['median']:.4f} | {'met' if s['median'] <= TARGET_MEDIAN else '**missed**'} |",
-        f"| student better than bo3 and one model in ≥ 25 of 30 seeds (same share) | "
-        f"{summary['student_wins']['bo3']['wins']} and {summary['student_wins']['one_model']['wins']} of {seeds} | "
-        f"{'met' if wins_ok else '**missed**'} |",
-        f"| CPU seconds per seed of the student pipeline ≤ {TARGET_SECONDS:.0f} | {summary['cpu_seconds']['student']['mean']:.1f} | "
-        f"{'met' if summary['cpu_seconds']['student']['mean'] <= TARGET_SECONDS else '**missed**'} |", ""]
+             markdown_table(summary, STRATEGIES, "MSE (the noise alone gives 0.04)"),
+             "| target | measured | |", "|---|---|---|",
+             f"| student median test MSE ≤ {TARGET_MEDIAN} | {s['median']:.4f} | {'met' if s['median'] <= TARGET_MEDIAN else '**missed**'} |",
+             f"| student better than bo3 and one model in ≥ 25 of 30 seeds (same share) | "
+             f"{summary['student_wins']['bo3']['wins']} and {summary['student_wins']['one_model']['wins']} of {seeds} | "
+             f"{'met' if wins_ok else '**missed**'} |",
+             f"| CPU seconds per seed of the student pipeline ≤ {TARGET_SECONDS:.0f} | {summary['cpu_seconds']['student']['mean']:.1f} | "
+             f"{'met' if summary['cpu_seconds']['student']['mean'] <= TARGET_SECONDS else '**missed**'} |", ""]
     return "\n".join(lines)
 
 
-def plots(runs: list[dict], summary: dict) -> None:
+def plots(runs: list[dict], summary: dict, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +85,7 @@ def plots(runs: list[dict], summary: dict) -> None:
     ax.set_title(f"Sine problem, {len(runs)} seeds (cf. the paper's Fig. 9)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(RESULTS / "sine_box.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}_box.png", dpi=120)
     grid = torch.linspace(0, 1, 500)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), sharey=True)
     for ax, name in zip(axes, ["student", "bo3", "one_model"]):
@@ -99,7 +97,7 @@ def plots(runs: list[dict], summary: dict) -> None:
     axes[0].legend(loc="lower left")
     fig.suptitle(f"Learned curves, {len(runs)} seeds (cf. the paper's Fig. 10)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "sine_curves.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}_curves.png", dpi=120)
 
 
 def main() -> None:
@@ -108,24 +106,25 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--equal-compute-seeds", type=int, default=10, help="run the equal-compute baselines on the first N seeds")
-    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "sine.yaml")
+    parser.add_argument("--recipe", default="sine", help="a packaged recipe name or a recipe file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-sine")
+    parser.add_argument("--name", default="sine", help="stem of the result files")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     equal_compute_seeds = seeds[: args.equal_compute_seeds]
     run = functools.partial(job, recipe=recipe, equal_compute_seeds=set(equal_compute_seeds))
     runs = run_seeds(run, seeds, args.work_dir, args.workers, {"recipe": recipe.to_dict(), "equal_compute_seeds": equal_compute_seeds})
-    summary = summarize(runs)
+    summary = summarize(runs, STRATEGIES, higher_is_better=False, baselines=STRATEGIES[1:5])
     RESULTS.mkdir(exist_ok=True)
     slim = [{k: v for k, v in r.items() if k != "curves"} for r in runs]
-    (RESULTS / "sine.json").write_text(json.dumps({"command": command(), "machine": machine(), "recipe": recipe.to_dict(),
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command(), "machine": machine(), "recipe": recipe.to_dict(),
                                                     "protocol": "fair: shared 10k train, bo3 on a 2k validation set, fixed 10k test",
                                                     "summary": summary, "runs": slim}, indent=1))
-    (RESULTS / "sine.md").write_text(markdown(summary, runs, recipe))
-    plots(runs, summary)
-    print((RESULTS / "sine.md").read_text())
+    (RESULTS / f"{args.name}.md").write_text(markdown(summary, runs, recipe))
+    plots(runs, summary, args.name)
+    print((RESULTS / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -17,22 +17,20 @@ import json
 import statistics
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import timm
 import torch
 import torch.nn.functional as F
+from _common import RESULTS, bar_chart, command, machine
 
 import hf_netmerge as hm
-from _common import RESULTS, bar_chart, command, load_recipe, machine
 from hf_netmerge.config import StageConfig
 from hf_netmerge.data import TensorBatchDataset, make_loader, sine_data
+from hf_netmerge.experiments import SeedContext, Student, load_recipe, load_seed_data
 from hf_netmerge.gates import GateRegularizer
 from hf_netmerge.training import make_accelerator, train_stage
-from hf_netmerge.training.strategies import Setup, train_one
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"runner_over_plain": 0.95, "gate_over_teacher": 2.5, "resnet50_surgery_s": 1.0, "gate_model_memory": 4.5,
            "sine_student_cpu_s": 29.0}
 
@@ -133,16 +131,14 @@ def surgery(name: str) -> dict[str, float]:
 
 def sine_pipeline(accelerator) -> dict[str, float]:
     """CPU seconds of one seed of the sine student pipeline (two teachers, gates, fine-tune) at the recipe's budget."""
-    recipe = load_recipe(ROOT / "recipes" / "sine.yaml", [])
-    gen = torch.Generator().manual_seed(0)
-    train, val = sine_data(10_000, gen), sine_data(2_000, gen)
-    setup = Setup(recipe.architecture, recipe.task, recipe.batch_size, accelerator, progress=False)
+    recipe = load_recipe("sine")
+    ctx = SeedContext(recipe, 0, load_seed_data(recipe, 0), accelerator, progress=False)
     start = time.process_time()
-    teachers = [train_one(setup, train, recipe.teacher, seed=i, name=f"teacher {i}").model for i in range(2)]
+    ctx.teachers()
     teachers_s = time.process_time() - start
-    merged = hm.merge_models(teachers[0], teachers[1], train, val, recipe.merge_config(0), accelerator=accelerator, progress=False)
+    merged = Student.from_recipe(recipe).train(ctx).merge
     total = time.process_time() - start
-    return {"student_cpu_s": total, "teachers_cpu_s": teachers_s, "teacher_samples": 2 * recipe.teacher.epochs * len(train),
+    return {"student_cpu_s": total, "teachers_cpu_s": teachers_s, "teacher_samples": 2 * recipe.teacher.epochs * len(ctx.data.train),
             **{f"{stage.stage}_wall_s": stage.seconds for stage in merged.stages},
             **{f"{stage.stage}_samples": stage.samples for stage in merged.stages}}
 

@@ -4,21 +4,25 @@ Implements *Merging of Neural Networks* (Pašen & Boža, 2024) as a timm / Huggi
 Importing the package registers its own architectures with timm.
 """
 
-__version__ = "0.1.0"
-
 from . import models  # noqa: F401  (registers the netmerge_* architectures with timm)
-from .api import MergeResult, compress, concatenate, merge_models
-from .config import MergeConfig, StageConfig
+from ._version import __version__
+from .api import LoadOptions, MergeResult, OutputOptions, RunOptions, compress, concatenate, merge_models
+from .config import MergeConfig, MergeSchedule, StageConfig
 from .errors import *  # noqa: F403  (the typed errors: NetMergeError and its subclasses)
 from .errors import __all__ as _error_names
-from .gates import GatedModel, HardConcreteGate, add_gates, remove_gates
+from .gates import Gate, GatedModel, HardConcreteGate, add_gates, remove_gates
 
 __all__ = [
     *_error_names,
+    "Gate",
     "GatedModel",
     "HardConcreteGate",
+    "LoadOptions",
     "MergeConfig",
     "MergeResult",
+    "MergeSchedule",
+    "OutputOptions",
+    "RunOptions",
     "StageConfig",
     "__version__",
     "add_gates",

@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ._version import __version__
 from .adapters import resolve_spec
 from .card import render_card
 from .config import MergeConfig
@@ -29,6 +30,8 @@ from .spec import MergeSpec
 from .surgery import select_model, widen_model
 from .training import MeanEnsemble, StageReport, evaluate, make_accelerator, predict, train_stage
 from .training.checkpoint import CheckpointDir
+
+RECORD_VERSION = 1
 from .validation import check_output_dir, check_teachers
 
 
@@ -60,6 +63,35 @@ def compress(gated: GatedModel) -> nn.Module:
     return student
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How teacher references become modules: ``.safetensors`` files are built as ``timm.create_model(architecture,
+    **model_args)``; pickle checkpoints are refused unless ``allow_pickle`` (then read with ``weights_only=True``)."""
+
+    architecture: str | None = None
+    model_args: dict[str, Any] | None = None
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where the student is saved at the end (timm layout + model card); an existing ``directory`` needs ``overwrite``."""
+
+    directory: str | os.PathLike[str]
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the stages run: the ``accelerator`` (one is made from the config if ``None``), progress bars, and checkpoints
+    under ``checkpoint_dir`` every ``checkpoint_every`` epochs (a rerun into the same directory resumes)."""
+
+    accelerator: Accelerator | None = None
+    progress: bool = True
+    checkpoint_dir: str | os.PathLike[str] | None = None
+    checkpoint_every: int = 1
+
+
 @dataclass
 class MergeResult:
     """The merged student and everything measured on the way to it."""
@@ -87,11 +119,10 @@ class MergeResult:
         import huggingface_hub
         import safetensors
 
-        from . import __version__
-
         return {
-            "version": 1,
+            "version": RECORD_VERSION,
             "architecture": self.architecture,
+            "datasets": self.dataset_names,
             "merge_config": self.config.to_dict(),
             "teachers": [t.to_dict() for t in self.teachers],
             "spec": self.spec.to_dict(),
@@ -114,19 +145,20 @@ class MergeResult:
         }
 
     def model_card(self) -> str:
-        """The README.md model card."""
-        return render_card(self)
+        """The README.md model card, rendered from :meth:`record`."""
+        return render_card(self.record())
 
     def save_pretrained(self, directory: str | os.PathLike[str], overwrite: bool = False) -> Path:
         """Save in timm's layout (``config.json`` + ``model.safetensors``) with ``netmerge_config.json`` and a model card.
 
         ``timm.create_model("local-dir:<directory>", pretrained=True)`` loads the student back.
         """
+        record = self.record()
         return save_student(
             self.student,
             directory,
-            merge_record=self.record(),
-            card=self.model_card(),
+            merge_record=record,
+            card=render_card(record),
             label_names=self.label_names,
             overwrite=overwrite,
         )
@@ -172,29 +204,26 @@ def merge_models(
     eval_data: Any | None = None,
     config: MergeConfig | None = None,
     *,
-    accelerator: Accelerator | None = None,
-    output_dir: str | os.PathLike[str] | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    architecture: str | None = None,
-    model_args: dict[str, Any] | None = None,
-    checkpoints: CheckpointDir | None = None,
-    allow_pickle: bool = False,
+    load: LoadOptions | None = None,
+    output: OutputOptions | str | os.PathLike[str] | None = None,
+    run: RunOptions | None = None,
 ) -> MergeResult:
     """Merge two teachers of one architecture into a student of that architecture.
 
-    Teachers are ``nn.Module`` s, local timm directories, Hub ids (``id@revision``), or
-    ``.safetensors`` files built as ``timm.create_model(architecture, **model_args)``; data is a
-    ``datasets.Dataset`` (image/label columns), a torch Dataset or a DataLoader. Every input is
-    checked before any training; with ``output_dir`` the student is saved there at the end. With
-    ``checkpoints``, the gate and fine-tune stages checkpoint there and resume from it. Pickle teacher
-    checkpoints are refused unless ``allow_pickle`` (then read with ``torch.load(weights_only=True)``).
+    Teachers are ``nn.Module`` s, local timm directories, Hub ids (``id@revision``) or ``.safetensors``
+    files (see :class:`LoadOptions`); data is a ``datasets.Dataset`` (image/label columns), a torch
+    Dataset or a DataLoader. Every input is checked before any training; with ``output`` (a directory
+    or :class:`OutputOptions`) the student is saved there at the end; :class:`RunOptions` set the
+    accelerator, progress bars and resumable checkpoints.
     """
+    load = load or LoadOptions()
+    output = output if output is None or isinstance(output, OutputOptions) else OutputOptions(output)
+    run = run or RunOptions()
     config = config or MergeConfig()
-    if output_dir is not None:
-        check_output_dir(output_dir, overwrite)
-    a, info_a = load_teacher(teacher_a, architecture, model_args, allow_pickle)
-    b, info_b = load_teacher(teacher_b, architecture, model_args, allow_pickle)
+    if output is not None:
+        check_output_dir(output.directory, output.overwrite)
+    a, info_a = load_teacher(teacher_a, load.architecture, load.model_args, load.allow_pickle)
+    b, info_b = load_teacher(teacher_b, load.architecture, load.model_args, load.allow_pickle)
     big = concatenate(a, b)
     spec: MergeSpec = big.netmerge_spec
     if not timm.is_model(spec.architecture):
@@ -214,7 +243,7 @@ def merge_models(
     train_set = prepare(train_data, min_size=config.batch_size, label="train_data")
     eval_set = prepare(eval_data, min_size=1, label="eval_data") if eval_data is not None else None
 
-    accelerator = accelerator or make_accelerator(config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator = run.accelerator or make_accelerator(config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
     set_seed(config.seed)
     train_loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers)
     eval_loader = make_loader(eval_set, config.batch_size, shuffle=False) if eval_set is not None else None
@@ -225,16 +254,15 @@ def merge_models(
     metrics = {"teacher_a": measure(a), "teacher_b": measure(b), "ensemble": measure(MeanEnsemble(a, b))}
     metrics["big_student"] = measure(big)
     gated = add_gates(big, config.gate_init_mean, config.gate_init_std)
-    regularizer = GateRegularizer(gated, config.lambda_init, config.lambda_growth)
-    checkpoints = checkpoints or CheckpointDir(None)
-    train = functools.partial(train_stage, loader=train_loader, task=config.task, accelerator=accelerator, progress=progress)
+    regularizer = GateRegularizer(gated, config.lambda_init, config.lambda_growth, config.gate_lr)
+    checkpoints = CheckpointDir(run.checkpoint_dir, run.checkpoint_every, writer=accelerator.is_main_process)
+    train = functools.partial(train_stage, loader=train_loader, task=config.task, accelerator=accelerator, progress=run.progress)
     stages = [
         train(
             gated,
             stage=config.gate_stage(),
             name="gates",
             regularizer=regularizer,
-            gate_lr=config.gate_lr,
             checkpoint=checkpoints("gates"),
         )
     ]
@@ -263,7 +291,7 @@ def merge_models(
         dataset_names=_dataset_name(train_data),
         label_names=_label_names(train_data, config.label_column),
     )
-    if output_dir is not None and accelerator.is_main_process:
-        result.save_pretrained(output_dir, overwrite=overwrite)
+    if output is not None and accelerator.is_main_process:
+        result.save_pretrained(output.directory, overwrite=output.overwrite)
     accelerator.wait_for_everyone()
     return result

@@ -1,14 +1,12 @@
-"""The model card of a merged student: teachers, method and budgets, gate statistics, metrics, config."""
+"""The model card of a merged student, rendered from its saved record (``netmerge_config.json``): teachers, method and
+budgets, gate statistics, metrics, config."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-if TYPE_CHECKING:
-    from .api import MergeResult
 
 CITATION = """@article{pasen2024merging,
   title   = {Merging of Neural Networks},
@@ -31,15 +29,15 @@ def _metrics_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _gate_table(result: MergeResult) -> str:
+def _gate_table(record: dict[str, Any]) -> str:
     lines = [
         "| group | size | kept | from A | from B | mean P[g>0] | open in eval | weakest kept gate | final λ |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in result.gate_stats:
+    for s in record["gate_stats"]:
         lines.append(
-            f"| {s.group} | {s.size} | {s.kept} | {s.kept_from_a} | {s.kept_from_b} | "
-            f"{s.mean_p_open:.3f} | {s.open_fraction:.3f} | {s.min_kept_gate:.3f} | {_fmt(result.final_lambda)} |"
+            f"| {s['group']} | {s['size']} | {s['kept']} | {s['kept_from_a']} | {s['kept_from_b']} | "
+            f"{s['mean_p_open']:.3f} | {s['open_fraction']:.3f} | {s['min_kept_gate']:.3f} | {_fmt(record['final_lambda'])} |"
         )
     return "\n".join(lines)
 
@@ -58,11 +56,11 @@ def _teacher_line(label: str, info: dict) -> str:
 _REPORTED = (("teacher_a", "teacher A"), ("teacher_b", "teacher B"), ("ensemble", "ensemble of the teachers"), ("student", "student"))
 
 
-def eval_results(result: MergeResult) -> list[EvalResult]:
+def eval_results(record: dict[str, Any]) -> list[EvalResult]:
     """``model-index`` entries: the main metric of the teachers, their ensemble and the student."""
-    classification = result.config.task == "classification"
+    classification = record["merge_config"]["task"] == "classification"
     metric = "accuracy" if classification else "mse"
-    dataset = result.dataset_names[0] if result.dataset_names else "custom"
+    dataset = record["datasets"][0] if record["datasets"] else "custom"
     return [
         EvalResult(
             task_type="image-classification" if classification else "tabular-regression",
@@ -70,46 +68,46 @@ def eval_results(result: MergeResult) -> list[EvalResult]:
             dataset_name=dataset,
             metric_type=metric,
             metric_name=f"{metric} ({label})",
-            metric_value=result.metrics[key][metric],
+            metric_value=record["metrics"][key][metric],
         )
         for key, label in _REPORTED
-        if metric in result.metrics.get(key, {})
+        if metric in record["metrics"].get(key, {})
     ]
 
 
-def render_card(result: MergeResult) -> str:
-    """The README.md text (YAML front matter + body) for ``result``'s student."""
-    hub_ids = [t.hub_id for t in result.teachers if t.hub_id]
-    results = eval_results(result)
+def render_card(record: dict[str, Any]) -> str:
+    """The README.md text (YAML front matter + body) from a student's record (``MergeResult.record()``, as saved)."""
+    hub_ids = [t["reference"] for t in record["teachers"] if t["source"] == "hf-hub"]
+    results = eval_results(record)
+    architecture, cfg, metrics = record["architecture"], record["merge_config"], record["metrics"]
     data = ModelCardData(
         library_name="timm",
-        tags=["hf_netmerge", "model-merging", "timm", result.config.task],
+        tags=["hf_netmerge", "model-merging", "timm", cfg["task"]],
         base_model=hub_ids or None,
         base_model_relation="merge" if hub_ids else None,
-        datasets=result.dataset_names or None,
-        model_name=f"{result.architecture}-netmerge" if results else None,
+        datasets=record["datasets"] or None,
+        model_name=f"{architecture}-netmerge" if results else None,
         eval_results=results or None,
     )
-    cfg = result.config
-    stages = "\n".join(f"| {r.stage} | {r.epochs} | {r.steps} | {r.seconds:.1f} |" for r in result.stages)
+    stages = "\n".join(f"| {r['stage']} | {r['epochs']} | {r['steps']} | {r['seconds']:.1f} |" for r in record["stages"])
     register = (
         "import hf_netmerge  # registers this architecture with timm: needed before loading\n"
-        if result.architecture.startswith("netmerge_")
+        if architecture.startswith("netmerge_")
         else ""
     )
-    gap = ", ".join(f"{k} {_fmt(v)}" for k, v in result.function_gap.items()) or "not measured (no eval data)"
+    gap = ", ".join(f"{k} {_fmt(v)}" for k, v in record["function_gap"].items()) or "not measured (no eval data)"
     body = f"""
-# {result.architecture} merged with hf_netmerge
+# {architecture} merged with hf_netmerge
 
-This `{result.architecture}` was made by merging two teachers of the same architecture with the
+This `{architecture}` was made by merging two teachers of the same architecture with the
 method of *Merging of Neural Networks* (Pašen & Boža, 2024): the teachers were concatenated into a
 double-width big student, hard-concrete L0 gates learned which half of every channel group to keep,
 the big student was compressed back to the teachers' architecture, and the result was fine-tuned.
 
 ## Teachers
 
-{_teacher_line("A", result.teachers[0].to_dict())}
-{_teacher_line("B", result.teachers[1].to_dict())}
+{_teacher_line("A", record["teachers"][0])}
+{_teacher_line("B", record["teachers"][1])}
 
 ## Method and budget
 
@@ -117,17 +115,17 @@ the big student was compressed back to the teachers' architecture, and the resul
 |---|---|---|---|
 {stages}
 
-Gate stage: weights SGD lr {cfg.lr} (momentum {cfg.momentum}), gates Adam lr {cfg.gate_lr};
-λ from {cfg.lambda_init} growing by {cfg.lambda_growth}·√λ per epoch to **{_fmt(result.final_lambda)}**.
+Gate stage: weights SGD lr {cfg["lr"]} (momentum {cfg["momentum"]}), gates Adam lr {cfg["gate_lr"]};
+λ from {cfg["lambda_init"]} growing by {cfg["lambda_growth"]}·√λ per epoch to **{_fmt(record["final_lambda"])}**.
 Function gap between the gated big student (eval) and the compressed student before fine-tuning: {gap}.
 
 ## Gate statistics
 
-{_gate_table(result)}
+{_gate_table(record)}
 
 ## Metrics
 
-{_metrics_table(result.metrics) if result.metrics else "No evaluation data was given."}
+{_metrics_table(metrics) if metrics else "No evaluation data was given."}
 
 ## Usage
 
@@ -151,7 +149,7 @@ classifier = pipeline("image-classification", model="<this repo id>")
 ## Merge config
 
 ```yaml
-{yaml.safe_dump(cfg.to_dict(), sort_keys=True).strip()}
+{yaml.safe_dump(cfg, sort_keys=True).strip()}
 ```
 
 ## Citation

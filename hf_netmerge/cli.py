@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import yaml
-
-from .config import MergeConfig, apply_overrides
-from .errors import ConfigError, NetMergeError
+from .config import MergeConfig
+from .errors import NetMergeError
+from .overrides import apply_overrides
 from .spec import MergeSpec
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+    from .experiments.demo import DemoConfig, run_demo
 
     if args.seeds < 1 or args.epochs_scale <= 0:
         raise NetMergeError("--seeds must be >= 1 and --epochs-scale > 0")
@@ -38,7 +36,7 @@ def _merge_config(args: argparse.Namespace, task: str) -> MergeConfig:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .api import merge_models
+    from .api import LoadOptions, OutputOptions, RunOptions, merge_models
     from .data import load_data
     from .validation import check_output_dir
 
@@ -51,11 +49,9 @@ def _merge(args: argparse.Namespace) -> int:
         data.train,
         data.eval,
         config,
-        output_dir=args.output_dir,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        architecture=args.architecture,
-        allow_pickle=args.allow_pickle,
+        load=LoadOptions(architecture=args.architecture, allow_pickle=args.allow_pickle),
+        output=OutputOptions(args.output_dir, overwrite=args.overwrite),
+        run=RunOptions(progress=not args.no_progress),
     )
     for name, values in result.metrics.items():
         print(f"{name:<24} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
@@ -66,14 +62,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import RecipeConfig
-    from .training.recipe import run_recipe
+    from .experiments import load_recipe, run_recipe
 
-    try:
-        data = yaml.safe_load(Path(args.recipe).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read recipe {args.recipe}: {e}") from e
-    recipe = RecipeConfig.from_dict(apply_overrides(data, args.overrides))
+    recipe = load_recipe(args.recipe, args.overrides)
     run_recipe(recipe, args.output_dir or f"runs/{recipe.name}", overwrite=args.overwrite, progress=not args.no_progress)
     return 0
 
@@ -108,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``hf-netmerge`` argument parser."""
     parser = argparse.ArgumentParser(prog="hf-netmerge", description="Merge two networks of one architecture into one.")
     sub = parser.add_subparsers(dest="command", required=True)
-    defaults = __import__("hf_netmerge.demo", fromlist=["DemoConfig"]).DemoConfig()
+    defaults = __import__("hf_netmerge.experiments.demo", fromlist=["DemoConfig"]).DemoConfig()
     demo = sub.add_parser("demo", help="the paper's sine problem end to end: teachers, merge, fine-tune, bo3 and one-model baselines")
     demo.add_argument("--seeds", type=int, default=defaults.seeds, help=f"number of seeds (default {defaults.seeds})")
     demo.add_argument("--first-seed", type=int, default=defaults.first_seed, help="first seed (default 0)")
@@ -139,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=_merge)
 
     run = sub.add_parser("run", help="a whole experiment from a recipe: teachers, merge, fine-tune, baselines")
-    run.add_argument("recipe", help="a recipe YAML file (see recipes/)")
+    run.add_argument("recipe", help="a recipe YAML file, or the name of a packaged recipe (sine, resnet20-cifar100, ...)")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. seeds=[0,1] merge.gate_epochs=3")
     run.add_argument("--output-dir", help="where checkpoints and results go (default runs/<recipe name>); rerun to resume")
     run.add_argument("--overwrite", action="store_true", help="replace an output directory holding another run")

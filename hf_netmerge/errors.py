@@ -85,6 +85,11 @@ class OversizedHeaderError(CheckpointError):
     """The safetensors header claims to be larger than allowed (100 MB) or than the file."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint's tensors do not fit the model its own config (or the run resuming it) builds: missing or
+    unexpected tensors, other shapes or dtypes. Unlike :class:`TeacherMismatchError`, the file itself is inconsistent."""
+
+
 class PickleRefusedError(CheckpointError):
     """A pickle checkpoint was found and pickles are refused (they can run code); pass allow_pickle=True to load it
     with ``torch.load(weights_only=True)``."""
@@ -130,6 +135,7 @@ class MissingColumnError(DatasetError):
 __all__ = [
     "ArchitectureMismatchError",
     "CheckpointError",
+    "CheckpointMismatchError",
     "ConfigError",
     "CorruptHeaderError",
     "DatasetError",

@@ -12,6 +12,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -25,6 +26,33 @@ GAMMA = -0.1
 ZETA = 1.1
 _LOG_RATIO = math.log(-GAMMA / ZETA)
 _EPS = 1e-6
+
+
+@runtime_checkable
+class Gate(Protocol):
+    """What :class:`GatedModel` needs of a gate on a channel group of ``size`` channels (an ``nn.Module``).
+
+    Calling it gates a ``(batch, size, ...)`` activation; ``scores`` ranks channels for compression (the
+    highest half is kept); ``prob_open`` and ``eval_value`` give P[g>0] and the eval-mode gate per
+    channel (for the half loss and the statistics); ``clear_sample`` ends a forward pass, so a gate
+    shared by several sites draws one sample per pass. :class:`HardConcreteGate` is the method's gate;
+    the pruning baseline's masks are another.
+    """
+
+    size: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def scores(self) -> torch.Tensor: ...
+
+    def prob_open(self) -> torch.Tensor: ...
+
+    def eval_value(self) -> torch.Tensor: ...
+
+    def clear_sample(self) -> None: ...
+
+
+GateFactory = Callable[[int], Gate]
 
 
 class HardConcreteGate(nn.Module):
@@ -75,46 +103,6 @@ class HardConcreteGate(nn.Module):
         return f"size={self.size}"
 
 
-class TaylorMask(nn.Module):
-    """A fixed 0/1 channel mask that measures first-order Taylor importance (Molchanov et al. 2019).
-
-    Each backward adds, per channel, ``(Σ_batch,space activation·gradient)²``, the squared derivative
-    of the loss w.r.t. a multiplicative gate at 1. :meth:`prune` closes the least important open channels.
-    """
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-        self.register_buffer("mask", torch.ones(size))
-        self.register_buffer("importance", torch.zeros(size))
-
-    def clear_sample(self) -> None:
-        """Masks draw no noise."""
-
-    def scores(self) -> torch.Tensor:
-        """Open channels first (then by importance): compression keeps exactly the open ones when half are open."""
-        return self.mask * (1.0 + self.importance.max()) + self.importance
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x * self.mask.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
-        if self.training and out.requires_grad:
-            dims = [d for d in range(out.dim()) if d != 1]
-            saved = out.detach()
-
-            def accumulate(grad: torch.Tensor) -> None:
-                self.importance.add_((grad.float() * saved.float()).sum(dims) ** 2)
-
-            out.register_hook(accumulate)
-        return out
-
-    def prune(self, count: int) -> None:
-        """Close the ``count`` open channels of lowest importance (ties by index) and reset the importance."""
-        open_index = torch.nonzero(self.mask, as_tuple=True)[0]
-        order = torch.argsort(self.importance[open_index], stable=True)[:count]
-        self.mask[open_index[order]] = 0.0
-        self.importance.zero_()
-
-
 class GateSite(nn.Module):
     """Wraps the module whose output carries a channel group and gates that output."""
 
@@ -147,10 +135,10 @@ class GroupStats:
 
 
 class GatedModel(nn.Module):
-    """A big student with a gate on every channel group (see :func:`add_gates`).
+    """A big student with a :class:`Gate` on every channel group (see :func:`add_gates`).
 
-    Gates are hard-concrete by default; ``make_gate(size)`` builds another kind (the pruning
-    baseline's :class:`TaylorMask`). Every gate ranks its channels by ``scores()``.
+    Gates are hard-concrete by default; ``make_gate(size)`` builds another kind of :class:`Gate` (the
+    pruning baseline's masks). Every gate ranks its channels by ``scores()``.
     """
 
     def __init__(
@@ -159,13 +147,17 @@ class GatedModel(nn.Module):
         spec: MergeSpec,
         init_mean: float = 1.0,
         init_std: float = 0.01,
-        make_gate: Callable[[int], nn.Module] | None = None,
+        make_gate: GateFactory | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.spec = spec
         make_gate = make_gate or (lambda size: HardConcreteGate(size, init_mean, init_std))
-        self.gates = nn.ModuleDict({g.name: make_gate(2 * g.size) for g in spec.groups})
+        gates = {g.name: make_gate(2 * g.size) for g in spec.groups}
+        for name, gate in gates.items():
+            if not isinstance(gate, nn.Module) or not isinstance(gate, Gate):
+                raise UnsupportedModelError(f"the gate for group {name!r} ({type(gate).__name__}) is not an nn.Module implementing Gate")
+        self.gates = nn.ModuleDict(gates)
         for g in spec.groups:
             for site in g.gate_sites:
                 replace_module(model, site, GateSite(model.get_submodule(site), self.gates[g.name]))
@@ -218,17 +210,18 @@ class GatedModel(nn.Module):
         return stats
 
 
-def add_gates(big: nn.Module, init_mean: float = 1.0, init_std: float = 0.01) -> GatedModel:
+def add_gates(big: nn.Module, init_mean: float = 1.0, init_std: float = 0.01, *, make_gate: GateFactory | None = None) -> GatedModel:
     """Wrap a big student from :func:`~hf_netmerge.concatenate` with gates on every channel group.
 
-    The big student is modified in place (its gate sites are wrapped) and owned by the result.
-    ``log_alpha`` starts at N(init_mean, init_std), the reference init (P[g>0] ≈ 0.93).
+    The big student is modified in place (its gate sites are wrapped, so ``big(x)`` is no longer the
+    teachers' mean) and owned by the result. Hard-concrete ``log_alpha`` starts at N(init_mean, init_std),
+    the reference init (P[g>0] ≈ 0.93); ``make_gate(size)`` puts another kind of :class:`Gate` instead.
     """
     spec = getattr(big, "netmerge_spec", None)
     if not isinstance(spec, MergeSpec):
         raise UnsupportedModelError("add_gates expects a big student made by hf_netmerge.concatenate(teacher_a, teacher_b)")
     validate_spec(big, spec, width=2)
-    return GatedModel(big, spec, init_mean, init_std)
+    return GatedModel(big, spec, init_mean, init_std, make_gate)
 
 
 def remove_gates(model: nn.Module) -> nn.Module:
@@ -273,14 +266,21 @@ class LambdaSchedule:
 
 
 class GateRegularizer:
-    """The gate stage's extra objective: ``λ·half_penalty``, with its own λ schedule and gate parameters."""
+    """The gate stage's extra objective: ``λ·half_penalty``, with its own λ schedule, gate parameters and their
+    optimizer (Adam at a constant ``lr``, no weight decay, fp32 gates)."""
 
-    def __init__(self, gated: GatedModel, lambda_init: float, lambda_growth: float) -> None:
+    def __init__(self, gated: GatedModel, lambda_init: float, lambda_growth: float, lr: float = 0.1) -> None:
         self.gated = gated
         self.schedule = LambdaSchedule(lambda_init, lambda_growth)
+        self.lr = lr
 
     def parameters(self) -> list[nn.Parameter]:
+        """The gates' parameters: the runner keeps them out of the weights' optimizer."""
         return self.gated.gate_parameters()
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        """A fresh optimizer for :meth:`parameters`."""
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=0.0, fused=True)
 
     def loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(λ·penalty, penalty) for the current step."""

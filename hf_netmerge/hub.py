@@ -25,11 +25,10 @@ from torch import nn
 from .adapters import architecture_name
 from .errors import (
     CheckpointError,
+    CheckpointMismatchError,
     CorruptHeaderError,
-    DtypeMismatchError,
     EmptyFileError,
     FormatMismatchError,
-    KeyMismatchError,
     OfflineNotCachedError,
     OverlappingTensorsError,
     OversizedHeaderError,
@@ -37,7 +36,6 @@ from .errors import (
     RemoteFileNotFoundError,
     RepoNotFoundError,
     RevisionNotFoundError,
-    ShapeMismatchError,
     TruncatedFileError,
 )
 from .validation import check_output_dir
@@ -194,21 +192,21 @@ def _load_dir(
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], reference: str) -> None:
-    """Strictly load ``state``; every mismatch is a typed error naming what differs."""
+    """Strictly load ``state``; a checkpoint that does not fit its own architecture is a :class:`CheckpointMismatchError`."""
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise KeyMismatchError(
+        raise CheckpointMismatchError(
             f"{reference}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]} for {architecture_name(model)}"
         )
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise ShapeMismatchError(
+            raise CheckpointMismatchError(
                 f"{reference}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                 f"{architecture_name(model)} expects {tuple(expected[name].shape)}"
             )
         if tensor.dtype != expected[name].dtype:
-            raise DtypeMismatchError(f"{reference}: tensor {name!r} is {tensor.dtype}, expected {expected[name].dtype}")
+            raise CheckpointMismatchError(f"{reference}: tensor {name!r} is {tensor.dtype}, expected {expected[name].dtype}")
     model.load_state_dict(state, strict=True)
 
 
@@ -322,7 +320,7 @@ def save_student(
         _write(tmp / CONFIG_NAME, json.dumps(timm_config(student, label_names), indent=2))
         state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
         _write(tmp / WEIGHTS_NAME, safetensors.torch.save(state, metadata={"format": "pt"}))
-        _write(tmp / MERGE_CONFIG_NAME, json.dumps(merge_record, indent=2, sort_keys=True))
+        _write(tmp / MERGE_CONFIG_NAME, json.dumps(merge_record, indent=2))  # in record order: the card renders from it
         _write(tmp / CARD_NAME, card)
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))

@@ -29,17 +29,39 @@ from accelerate.state import AcceleratorState, PartialState
 import hf_netmerge  # noqa: F401  (registers the architectures)
 from hf_netmerge.models import MLP
 
+QUIET = hf_netmerge.RunOptions(progress=False)  # merge_models without progress bars
+
 torch.set_num_threads(1)
 
-# (architecture, create_model kwargs): every family the core supports, BN and non-BN, 1-d and 2-d.
-ARCHITECTURES = [
+SMALL_VGG = {"mlp_ratio": 1 / 64}  # timm's ConvMlp hidden layer 4096 → 64 keeps the tests fast
+# The one table of architectures every invariant runs over: (architecture, create_model kwargs).
+CORE = [
     ("netmerge_sine_mlp", {}),
     ("netmerge_mlp_bn", {"in_chans": 5, "num_classes": 3}),
     ("netmerge_lenet", {"num_classes": 10}),
     ("netmerge_lenet_bn", {"num_classes": 4}),
     ("netmerge_lenet_bn", {"num_classes": 7, "in_chans": 1, "img_size": 32}),
 ]
-ARCH_IDS = [f"{name}-{'-'.join(f'{k}{v}' for k, v in kw.items()) or 'default'}" for name, kw in ARCHITECTURES]
+DECLARED = [  # timm families with an adapter (and the CIFAR models)
+    ("resnet18", {"num_classes": 5}),
+    ("resnet34", {"num_classes": 5}),
+    ("resnet50", {"num_classes": 5}),
+    ("resnet18d", {"num_classes": 5}),
+    ("resnet10t", {"num_classes": 5}),
+    ("netmerge_resnet20", {"num_classes": 5}),
+    ("vgg11_bn", {"num_classes": 5, **SMALL_VGG}),
+    ("vgg16", {"num_classes": 5, **SMALL_VGG}),
+    ("netmerge_vgg11_cifar", {"num_classes": 5}),
+]
+DISCOVERED = [("resnetv2_18", {"num_classes": 5}), ("resnetv2_50", {"num_classes": 5}), ("darknet17", {"num_classes": 5}),
+              ("repvgg_a0", {"num_classes": 5})]
+ARCHITECTURES = CORE + DECLARED + DISCOVERED
+
+
+def arch_ids(cases: list[tuple[str, dict]]) -> list[str]:
+    """Readable test ids: the name, then the kwargs that are not the tables' defaults."""
+    shown = [{k: v for k, v in kw.items() if k != "mlp_ratio"} for _, kw in cases]
+    return [f"{name}-{'-'.join(f'{k}{v}' for k, v in kw.items()) or 'default'}" for (name, _), kw in zip(cases, shown)]
 
 
 def input_shape(model: torch.nn.Module, batch: int = 8) -> tuple[int, ...]:

@@ -10,8 +10,9 @@ import timm
 import torch
 
 from hf_netmerge.cli import main
-from hf_netmerge.data import sine_data
-from hf_netmerge.demo import DemoConfig, _data, summarize
+from hf_netmerge.data import sine_data, sine_splits
+from hf_netmerge.experiments.demo import DemoConfig
+from hf_netmerge.experiments.report import summarize
 
 
 def test_demo_writes_results_plot_and_student(tmp_path, capsys):
@@ -43,8 +44,8 @@ def test_python_dash_m_is_the_same_program():
 
 
 def test_protocol_shares_training_data_and_fixes_the_test_set():
-    train, val, test = _data(3)
-    train2, _, test2 = _data(3)
+    train, val, test = sine_splits(3)
+    train2, _, test2 = sine_splits(3)
     assert torch.equal(train.inputs, train2.inputs) and torch.equal(test.targets, test2.targets)
     assert not torch.equal(train.inputs[:100], val.inputs[:100])
     assert (len(train), len(val), len(test)) == (10_000, 2_000, 10_000)
@@ -59,13 +60,17 @@ def test_sine_data_follows_the_paper():
 
 
 def test_budget_split_matches_the_paper():
-    cfg = DemoConfig(epochs_scale=1.0)
-    assert (cfg.epochs(1 / 3), cfg.epochs(1 / 6), cfg.epochs(1.0)) == (300, 150, 900)
+    recipe = DemoConfig(epochs_scale=1.0).recipe()
+    assert (recipe.teacher.epochs, recipe.merge.gate_epochs, recipe.merge.finetune_epochs, recipe.one_model.epochs) == (300, 150, 150, 900)
+    assert (recipe.teacher.milestones, recipe.merge.finetune_milestones, recipe.one_model.milestones) == ([250], [100], [800])
+    scaled = DemoConfig(epochs_scale=0.3).recipe()
+    assert (scaled.teacher.epochs, scaled.teacher.milestones, scaled.merge.gate_epochs, scaled.one_model.epochs) == (90, [75], 45, 270)
+    assert scaled.merge.lambda_growth == 0.05 / 0.3  # λ ends where the paper's 150 gate epochs take it
 
 
 def test_summary_counts_wins():
     runs = [{"seed": i, "student": s, "bo3": b, "one_model": o, "teacher_a": 1.0, "teacher_b": 1.0}
             for i, (s, b, o) in enumerate([(0.1, 0.2, 0.05), (0.1, 0.3, 0.4), (0.5, 0.2, 0.6)])]
-    summary = summarize(runs)
-    assert summary["student_wins"] == {"bo3": 2, "one_model": 2}
+    summary = summarize(runs, ["student", "bo3", "one_model"], higher_is_better=False, baselines=["bo3", "one_model"])
+    assert summary["student_wins"] == {"bo3": {"wins": 2, "seeds": 3}, "one_model": {"wins": 2, "seeds": 3}}
     assert summary["student"]["median"] == 0.1 and summary["student"]["max"] == 0.5

@@ -14,7 +14,7 @@ import hf_netmerge as hm
 from hf_netmerge.cli import main
 from hf_netmerge.hub import load_teacher, push_folder
 
-from conftest import HUB_TOKEN, image_dataset, make_teacher
+from conftest import QUIET, HUB_TOKEN, image_dataset, make_teacher
 
 FAST = hm.MergeConfig(gate_epochs=1, finetune_epochs=1, batch_size=16)
 X = torch.randn(3, 3, 28, 28)
@@ -34,7 +34,7 @@ def _publish_teacher(model, repo_id, tmp_path) -> str:
 @pytest.fixture
 def merged(data):
     a, b = make_teacher("netmerge_lenet", {"num_classes": 4}, 0), make_teacher("netmerge_lenet", {"num_classes": 4}, 1)
-    return hm.merge_models(a, b, data, data, FAST, progress=False)
+    return hm.merge_models(a, b, data, data, FAST, run=QUIET)
 
 
 def test_push_is_one_commit_and_loads_back_with_timm(hub, merged):
@@ -63,12 +63,12 @@ def test_teachers_by_id_and_revision_are_recorded_in_card_and_config(hub, data, 
     _publish_teacher(a, "user/teacher-a", tmp_path)
     commit_b = _publish_teacher(b, "user/teacher-b", tmp_path)
     _publish_teacher(make_teacher("netmerge_lenet", {"num_classes": 4}, 7), "user/teacher-b", tmp_path)  # a newer main
-    result = hm.merge_models("user/teacher-a", f"user/teacher-b@{commit_b}", data, data, FAST, progress=False)
+    result = hm.merge_models("user/teacher-a", f"user/teacher-b@{commit_b}", data, data, FAST, run=QUIET)
     info_a, info_b = result.teachers
     assert info_a.source == info_b.source == "hf-hub"
     assert info_a.revision == hub.state.repos["user/teacher-a"].branches["main"] and info_b.revision == commit_b
     torch.testing.assert_close(result.metrics["teacher_b"]["loss"], hm.merge_models(
-        a, b, data, data, FAST, progress=False).metrics["teacher_b"]["loss"])
+        a, b, data, data, FAST, run=QUIET).metrics["teacher_b"]["loss"])
     result.push_to_hub("user/merged-from-hub")
     card = ModelCard.load(hf_hub_download("user/merged-from-hub", "README.md"))
     assert card.data.base_model == ["user/teacher-a", "user/teacher-b"] and card.data.base_model_relation == "merge"

@@ -12,20 +12,18 @@ import torch
 import yaml
 
 from hf_netmerge.cli import main
-from hf_netmerge.config import RecipeConfig, apply_overrides
-from hf_netmerge.training.recipe import run_recipe
+from hf_netmerge.experiments import RecipeConfig, load_recipe, run_recipe
 
 from conftest import image_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+RECIPES = sorted((ROOT / "hf_netmerge" / "recipes").glob("*.yaml"))
 TINY_SINE = ["seeds=[0]", "teacher.epochs=2", "teacher.milestones=[1]", "merge.gate_epochs=2", "merge.finetune_epochs=1",
              "merge.finetune_milestones=[]", "one_model.epochs=2", "one_model.milestones=[]", "baselines=[one_model]"]
 
 
 def _sine(*overrides: str) -> RecipeConfig:
-    data = yaml.safe_load((ROOT / "recipes" / "sine-cpu.yaml").read_text())
-    return RecipeConfig.from_dict(apply_overrides(data, [*TINY_SINE, *overrides]))
+    return load_recipe("sine-cpu", [*TINY_SINE, *overrides])
 
 
 def test_every_experiment_of_the_paper_has_a_valid_recipe():
@@ -39,7 +37,7 @@ def test_every_experiment_of_the_paper_has_a_valid_recipe():
 
 
 def test_sine_recipe_keeps_the_papers_budget():
-    recipe = RecipeConfig.from_dict(yaml.safe_load((ROOT / "recipes" / "sine.yaml").read_text()))
+    recipe = load_recipe(ROOT / "recipes" / "sine.yaml")  # by path, through the top-level recipes/ link
     student = 2 * recipe.teacher.epochs + recipe.merge.gate_epochs + recipe.merge.finetune_epochs
     assert student == 3 * recipe.teacher.epochs == recipe.one_model.epochs == 900 and len(recipe.seeds) == 50
 

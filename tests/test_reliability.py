@@ -29,10 +29,11 @@ from hf_netmerge.hub import load_teacher
 from hf_netmerge.training import make_accelerator, train_stage
 from hf_netmerge.training.checkpoint import StageCheckpoint
 
-from conftest import image_dataset, make_teacher
+from conftest import QUIET, image_dataset, make_teacher
 
 FAST = hm.MergeConfig(gate_epochs=1, finetune_epochs=1, batch_size=16)
 LENET = {"num_classes": 4}
+LOAD_LENET = hm.LoadOptions(architecture="netmerge_lenet", model_args=LENET)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ FILE_CASES = {
     "oversized header": (lambda p: _oversize(_weights(p)), hm.OversizedHeaderError),
     "pickle carrying code": (lambda p: _pickle_with_code(p, "w.bin"), hm.PickleRefusedError),
     "extension lies": (lambda p: _pickle_with_code(p, "w.safetensors"), hm.FormatMismatchError),
-    "missing keys": (lambda p: _drop_key(_teacher()), hm.KeyMismatchError),
+    "missing keys": (lambda p: _drop_key(_teacher()), hm.CheckpointMismatchError),
 }
 
 
@@ -149,8 +150,7 @@ def test_bad_checkpoint_files_are_refused_with_their_own_error(case, tmp_path, d
     counter = StepCounter(monkeypatch)
     before = _snapshot(tmp_path)
     with pytest.raises(error):
-        hm.merge_models(path, _teacher(1), data, config=FAST, output_dir=tmp_path / "out", architecture="netmerge_lenet",
-                        model_args=LENET, progress=False)
+        hm.merge_models(path, _teacher(1), data, config=FAST, output=tmp_path / "out", load=LOAD_LENET, run=QUIET)
     assert counter.steps == 0 and _snapshot(tmp_path) == before
     assert not Path("/tmp/netmerge-pwned").exists()
 
@@ -178,33 +178,39 @@ def _nan(model):
     return model
 
 
-MODEL_CASES = {
-    "different architecture": (lambda: make_teacher("netmerge_lenet_bn", LENET, 1), hm.ArchitectureMismatchError),
-    "different num_classes": (lambda: _teacher(1, num_classes=5), hm.NumClassesMismatchError),
-    "shape mismatch": (lambda: _teacher(1, hidden_sizes=(100, 80)), hm.ShapeMismatchError),
-    "dtype mismatch": (lambda: _teacher(1).double(), hm.DtypeMismatchError),
-    "non-finite weights": (lambda: _nan(_teacher(1)), hm.NonFiniteWeightsError),
-    "unsupported layer": (None, hm.UnsupportedModelError),
-}
-DATA_CASES = {
-    "empty dataset": (lambda: image_dataset(32, 4).select([]), hm.EmptyDatasetError),
-    "smaller than one batch": (lambda: image_dataset(8, 4), hm.DatasetTooSmallError),
-    "labels out of range": (lambda: image_dataset(32, 6), hm.LabelRangeError),
-    "negative labels": (lambda: TensorBatchDataset(torch.randn(32, 3, 28, 28), torch.full((32,), -1)), hm.LabelRangeError),
-    "missing column": (lambda: image_dataset(32, 4).rename_column("label", "y"), hm.MissingColumnError),
+def _pair(make_b=lambda: _teacher(1)):
+    return lambda: (_teacher(0), make_b())
+
+
+def _unmergeable(name: str, **kwargs):
+    return lambda: (timm.create_model(name, num_classes=4, **kwargs), timm.create_model(name, num_classes=4, **kwargs))
+
+
+# The one table of refused inputs to merge_models: (teachers, data, error). Checkpoint files: FILE_CASES above.
+REFUSALS = {
+    "different architecture": (_pair(lambda: make_teacher("netmerge_lenet_bn", LENET, 1)), None, hm.ArchitectureMismatchError),
+    "different num_classes": (_pair(lambda: _teacher(1, num_classes=5)), None, hm.NumClassesMismatchError),
+    "shape mismatch": (_pair(lambda: _teacher(1, hidden_sizes=(100, 80))), None, hm.ShapeMismatchError),
+    "dtype mismatch": (_pair(lambda: _teacher(1).double()), None, hm.DtypeMismatchError),
+    "non-finite weights": (_pair(lambda: _nan(_teacher(1))), None, hm.NonFiniteWeightsError),
+    "unsupported layer (LayerNorm2d)": (_unmergeable("convnext_atto"), None, hm.UnsupportedModelError),
+    "unsupported model (ViT)": (_unmergeable("test_vit"), None, hm.UnsupportedModelError),
+    "empty dataset": (_pair(), lambda: image_dataset(32, 4).select([]), hm.EmptyDatasetError),
+    "smaller than one batch": (_pair(), lambda: image_dataset(8, 4), hm.DatasetTooSmallError),
+    "labels out of range": (_pair(), lambda: image_dataset(32, 6), hm.LabelRangeError),
+    "negative labels": (_pair(), lambda: TensorBatchDataset(torch.randn(32, 3, 28, 28), torch.full((32,), -1)), hm.LabelRangeError),
+    "missing label column": (_pair(), lambda: image_dataset(32, 4).rename_column("label", "y"), hm.MissingColumnError),
+    "missing image column": (_pair(), lambda: image_dataset(32, 4).rename_column("image", "img"), hm.MissingColumnError),
 }
 
 
-@pytest.mark.parametrize("case", list(MODEL_CASES) + list(DATA_CASES), ids=list(MODEL_CASES) + list(DATA_CASES))
+@pytest.mark.parametrize("case", list(REFUSALS), ids=list(REFUSALS))
 def test_bad_teachers_and_data_are_refused_with_their_own_error(case, tmp_path, data, monkeypatch):
-    make_b, error = MODEL_CASES.get(case) or (None, None)
-    make_data, data_error = DATA_CASES.get(case) or (None, None)
-    a, b = (_teacher(0), make_b()) if make_b else (_teacher(0), _teacher(1))
-    if case == "unsupported layer":
-        a, b = timm.create_model("convnext_atto", num_classes=4), timm.create_model("convnext_atto", num_classes=4)
+    make_teachers, make_data, error = REFUSALS[case]
+    a, b = make_teachers()
     counter = StepCounter(monkeypatch)
-    with pytest.raises(error or data_error):
-        hm.merge_models(a, b, make_data() if make_data else data, config=FAST, output_dir=tmp_path / "out", progress=False)
+    with pytest.raises(error):
+        hm.merge_models(a, b, make_data() if make_data else data, config=FAST, output=tmp_path / "out", run=QUIET)
     assert counter.steps == 0 and list(tmp_path.iterdir()) == []
 
 
@@ -213,7 +219,8 @@ def test_existing_output_and_invalid_config_are_refused(tmp_path, data, monkeypa
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep")
     with pytest.raises(hm.OutputExistsError):
-        hm.merge_models(_teacher(0), _teacher(1), data, config=FAST, output_dir=tmp_path / "out", progress=False)
+        hm.merge_models(_teacher(0), _teacher(1), data, config=FAST, output=tmp_path / "out", run=QUIET)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
     with pytest.raises(hm.ConfigError):
         hm.MergeConfig.from_dict({"gate_epochs": -1})
     recipe = tmp_path / "r.yaml"
@@ -268,14 +275,13 @@ def test_perturbed_state_dicts_only_raise_typed_errors(tmp_path, data, kind, ind
     path = tmp_path / f"{kind}-{index}.safetensors"
     safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     with pytest.raises(hm.NetMergeError):
-        hm.merge_models(path, _teacher(1), data, config=FAST, architecture="netmerge_lenet", model_args=LENET, progress=False,
-                        output_dir=tmp_path / f"out-{kind}-{index}")
+        hm.merge_models(path, _teacher(1), data, config=FAST, load=LOAD_LENET, run=QUIET, output=tmp_path / f"out-{kind}-{index}")
     assert not (tmp_path / f"out-{kind}-{index}").exists()
 
 
 def test_same_seed_gives_identical_student_weights(data):
     def digest():
-        result = hm.merge_models(_teacher(0), _teacher(1), data, data, FAST, progress=False)
+        result = hm.merge_models(_teacher(0), _teacher(1), data, data, FAST, run=QUIET)
         return hashlib.sha256(safetensors.torch.save(result.student.state_dict())).hexdigest()
 
     assert digest() == digest()
@@ -311,10 +317,10 @@ def test_non_finite_loss_stops_with_stage_and_step_and_keeps_the_last_good_check
 SAVER = """
 import sys, torch, hf_netmerge as hm
 sys.path.insert(0, {tests!r})
-from conftest import image_dataset, make_teacher
+from conftest import QUIET, image_dataset, make_teacher
 a, b = make_teacher("netmerge_lenet", {{"num_classes": 4}}, 0), make_teacher("netmerge_lenet", {{"num_classes": 4}}, 1)
 result = hm.merge_models(a, b, image_dataset(32, 4), None, hm.MergeConfig(gate_epochs=1, finetune_epochs=1, batch_size=16),
-                         progress=False)
+                         run=hm.RunOptions(progress=False))
 print("ready", flush=True)
 while True:
     result.save_pretrained({out!r}, overwrite=True)

@@ -112,7 +112,8 @@ def _two_process_job(out: str) -> None:
                 task="classification", accelerator=accelerator, name="ddp", progress=False)
     weights = accelerator.gather(_flat(model)[None])
     config = hm.MergeConfig(gate_epochs=2, finetune_epochs=1, batch_size=16, lambda_init=1.0, lambda_growth=1.0)
-    result = hm.merge_models(_lenet(1), _lenet(2), _images(64), None, config, accelerator=accelerator, progress=False)
+    result = hm.merge_models(_lenet(1), _lenet(2), _images(64), None, config,
+                             run=hm.RunOptions(accelerator=accelerator, progress=False))
     students = accelerator.gather(_flat(result.student)[None])
     if accelerator.is_main_process:
         safetensors.torch.save_file({"weights": weights, "students": students}, os.path.join(out, "ranks.safetensors"))

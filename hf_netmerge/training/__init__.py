@@ -1,5 +1,6 @@
-"""Training: the one stage runner and the strategies built on it (student, bo3, one model)."""
+"""Below the pipeline: the one stage runner, its checkpoints and the accelerator setup. Nothing here imports the pipeline."""
 
-from .runner import MeanEnsemble, StageReport, evaluate, make_accelerator, predict, task_loss, train_stage
+from .accelerator import make_accelerator
+from .runner import MeanEnsemble, StageReport, evaluate, predict, task_loss, train_stage
 
 __all__ = ["MeanEnsemble", "StageReport", "evaluate", "make_accelerator", "predict", "task_loss", "train_stage"]

@@ -15,15 +15,14 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import StageConfig
 from ..data import Loader, TensorLoader
-from ..errors import ConfigError, NonFiniteLossError
+from ..errors import CheckpointMismatchError, NonFiniteLossError
+from .accelerator import optimizer_needs_accelerate
 from .checkpoint import StageCheckpoint
 
 
@@ -31,6 +30,8 @@ class Regularizer(Protocol):
     """An extra loss term with its own parameters and per-epoch schedule (the gates' half loss)."""
 
     def parameters(self) -> list[nn.Parameter]: ...
+
+    def optimizer(self) -> torch.optim.Optimizer: ...
 
     def loss(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -56,48 +57,6 @@ class StageReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def make_accelerator(
-    mixed_precision: str = "no",
-    cpu: bool | None = None,
-    gradient_accumulation_steps: int = 1,
-    log_with: list[str] | None = None,
-    project_dir: str | None = None,
-) -> Accelerator:
-    """An Accelerator for ``mixed_precision``, on CPU when no GPU is present.
-
-    Batches are split across processes (``batch_size`` is the global batch), so one and several
-    processes see the same data per optimizer step. Accelerate fixes the precision once per process;
-    asking for another one later, or fp16 on a CPU, is refused with :class:`ConfigError`.
-    """
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
-        raise ConfigError(
-            f"this process already runs Accelerate with mixed_precision={AcceleratorState().mixed_precision!r}; "
-            f"use the same value or a new process for {mixed_precision!r}"
-        )
-    if cpu is None:
-        cpu = not torch.cuda.is_available()
-    if cpu and mixed_precision == "fp16":
-        raise ConfigError("mixed_precision='fp16' needs a GPU; use 'bf16' on a CPU")
-    return Accelerator(
-        mixed_precision=mixed_precision,
-        cpu=cpu,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-        log_with=log_with or None,
-        project_dir=project_dir,
-    )
-
-
-def _optimizer_needs_accelerate(accelerator: Accelerator) -> bool:
-    """Whether Accelerate must wrap the optimizers: fp16 loss scaling or an engine that owns the step.
-
-    Plain, DDP and bf16 runs step the torch optimizers directly (DDP syncs gradients in backward);
-    Accelerate's wrapper would add an import probe to every step, ~40% of a small model's step on CPU.
-    """
-    plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-    return accelerator.scaler is not None or accelerator.distributed_type not in plain
 
 
 def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -127,7 +86,6 @@ def train_stage(
     accelerator: Accelerator,
     name: str,
     regularizer: Regularizer | None = None,
-    gate_lr: float = 0.1,
     checkpoint: StageCheckpoint | None = None,
     progress: bool = True,
 ) -> StageReport:
@@ -135,8 +93,7 @@ def train_stage(
 
     Weights use SGD with momentum under :func:`lr_factor`'s schedule, with gradient accumulation
     (the accelerator's ``gradient_accumulation_steps``) and optional clipping. With a ``regularizer``,
-    its loss is added each step and its parameters (kept fp32) get Adam at a constant ``gate_lr``
-    without weight decay. With a ``checkpoint``, the stage resumes from its newest complete checkpoint
+    its loss is added each step and its parameters (kept fp32) are stepped by the regularizer's own optimizer. With a ``checkpoint``, the stage resumes from its newest complete checkpoint
     and writes one at epoch boundaries. Metrics go to the accelerator's trackers as ``<name>/...``.
     A :class:`TensorLoader` in a single process without accumulation or loss scaling is iterated and
     back-propagated directly (tiny models spend most of a step in per-batch overhead, and
@@ -149,10 +106,10 @@ def train_stage(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(stage))
     optimizers = [optimizer]
     if extra:
-        optimizers.append(torch.optim.Adam(extra, lr=gate_lr, weight_decay=0.0, fused=True))
+        optimizers.append(regularizer.optimizer())
     report = StageReport(stage=name, epochs=stage.epochs, steps=0, seconds=0.0, samples=0)
     start_epoch = _resume(checkpoint, model, optimizers, scheduler, regularizer, loader, report)
-    wrapped_optimizers = _optimizer_needs_accelerate(accelerator)
+    wrapped_optimizers = optimizer_needs_accelerate(accelerator)
     if wrapped_optimizers:
         optimizers = list(accelerator.prepare(*optimizers)) if len(optimizers) > 1 else [accelerator.prepare(optimizers[0])]
     direct = (
@@ -275,7 +232,13 @@ def _resume(
     state = checkpoint.load() if checkpoint is not None else None
     if state is None:
         return 0
-    model.load_state_dict(state["model"], strict=True)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointMismatchError(
+            f"checkpoint {checkpoint.latest()} does not fit this stage's model (another recipe or code wrote it); "
+            f"use another output directory or --overwrite: {str(e).splitlines()[0]}"
+        ) from e
     for opt, opt_state in zip(optimizers, state["optimizers"]):
         opt.load_state_dict(opt_state)
     scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,37 @@
+"""Data: dataset wrappers, up-front checks, preprocessing, loaders, the offline datasets and datasets by name.
+
+One module per concern; the names below are the package's public surface.
+"""
+
+from .checks import check_dataset, dataset_targets
+from .datasets import HFImageDataset, TensorBatchDataset, as_torch_dataset, collate, is_hf_dataset, split, subset
+from .loaders import Loader, TensorLoader, make_loader
+from .named import NamedData, load_data
+from .offline import SINE_TEST_SIZE, SINE_TRAIN_SIZE, SINE_VAL_SIZE, fashion_mnist, mnist, sine_data, sine_splits
+from .transforms import model_transform, prepare_dataset
+
+__all__ = [
+    "SINE_TEST_SIZE",
+    "SINE_TRAIN_SIZE",
+    "SINE_VAL_SIZE",
+    "HFImageDataset",
+    "Loader",
+    "NamedData",
+    "TensorBatchDataset",
+    "TensorLoader",
+    "as_torch_dataset",
+    "check_dataset",
+    "collate",
+    "dataset_targets",
+    "fashion_mnist",
+    "is_hf_dataset",
+    "load_data",
+    "make_loader",
+    "mnist",
+    "model_transform",
+    "prepare_dataset",
+    "sine_data",
+    "sine_splits",
+    "split",
+    "subset",
+]

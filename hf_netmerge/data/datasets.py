@@ -1,0 +1,119 @@
+"""Dataset wrappers: in-memory tensors, ``datasets.Dataset`` columns, subsets and seeded splits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from ..errors import DatasetError, MissingColumnError
+
+
+class _Batch(tuple):
+    """A batch already assembled by a dataset's ``__getitems__`` (collation passes it through)."""
+
+
+class TensorBatchDataset(Dataset):
+    """In-memory inputs and targets; a whole batch is sliced in one indexing call.
+
+    ``__getitems__`` makes the DataLoader fetch batches vectorized, which matters for tiny models
+    such as the sine MLP where per-sample collation would cost more than the training step.
+    """
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if len(inputs) != len(targets):
+            raise DatasetError(f"inputs ({len(inputs)}) and targets ({len(targets)}) differ in length")
+        self.inputs = inputs
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.targets[index]
+
+    def __getitems__(self, indices: list[int] | torch.Tensor) -> _Batch:
+        index = torch.as_tensor(indices)
+        return _Batch((self.inputs[index], self.targets[index]))
+
+
+def collate(batch: Any) -> Any:
+    """Default collation, except for batches a dataset already assembled."""
+    return tuple(batch) if isinstance(batch, _Batch) else default_collate(batch)
+
+
+class HFImageDataset(Dataset):
+    """A ``datasets.Dataset`` with an image column and a label column, as ``(tensor, label)`` pairs.
+
+    PIL images go through ``transform`` (timm's eval transform for the model) after conversion to
+    ``mode``; array-valued images are taken as already-preprocessed float tensors.
+    """
+
+    def __init__(self, ds: Any, image_column: str, label_column: str, transform: Callable | None, mode: str) -> None:
+        missing = [c for c in (image_column, label_column) if c not in ds.column_names]
+        if missing:
+            raise MissingColumnError(
+                f"dataset has no column(s) {missing}; its columns are {ds.column_names} (set image_column / label_column)"
+            )
+        self.ds = ds
+        self.image_column = image_column
+        self.label_column = label_column
+        self.transform = transform
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        row = self.ds[index]
+        image = row[self.image_column]
+        if hasattr(image, "convert") and self.transform is not None:
+            x = self.transform(image.convert(self.mode))
+        else:
+            x = torch.as_tensor(np.asarray(image), dtype=torch.float32)
+        return x, row[self.label_column]
+
+    def labels(self) -> list[Any]:
+        """The label column, read without decoding images."""
+        return list(self.ds[self.label_column])
+
+
+def is_hf_dataset(data: Any) -> bool:
+    """Whether ``data`` is a ``datasets.Dataset`` (checked by duck type, so ``datasets`` need not be imported)."""
+    return hasattr(data, "column_names") and hasattr(data, "features")
+
+
+def as_torch_dataset(
+    data: Any, image_column: str = "image", label_column: str = "label", transform: Callable | None = None, mode: str = "RGB"
+) -> Dataset:
+    """A torch Dataset from a ``datasets.Dataset``, a torch Dataset or a DataLoader (its dataset)."""
+    batches_of = getattr(data, "dataset", None)  # a DataLoader or TensorLoader: its dataset
+    if isinstance(batches_of, Dataset) and not isinstance(data, Dataset):
+        return batches_of
+    if is_hf_dataset(data):
+        return HFImageDataset(data, image_column, label_column, transform, mode)
+    if isinstance(data, Dataset):
+        return data
+    raise DatasetError(f"unsupported data of type {type(data).__name__}: pass a datasets.Dataset, a torch Dataset or a DataLoader")
+
+
+def subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
+    """The examples ``indices`` of ``dataset``, keeping in-memory tensors and HF columns cheap to read."""
+    if isinstance(dataset, TensorBatchDataset):
+        return TensorBatchDataset(dataset.inputs[indices], dataset.targets[indices])
+    if isinstance(dataset, HFImageDataset):
+        rows = dataset.ds.select(indices.tolist())
+        return HFImageDataset(rows, dataset.image_column, dataset.label_column, dataset.transform, dataset.mode)
+    return torch.utils.data.Subset(dataset, indices.tolist())
+
+
+def split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A seeded random (1 - fraction, fraction) split: the training and validation sets."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    held = max(1, round(len(dataset) * fraction))
+    return subset(dataset, order[held:].sort().values), subset(dataset, order[:held].sort().values)
+
+

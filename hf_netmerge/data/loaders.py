@@ -1,0 +1,77 @@
+"""Batches: a DataLoader with a seeded shuffle, or the faster :class:`TensorLoader` for in-memory tensors."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets import TensorBatchDataset, collate
+
+
+class TensorLoader:
+    """Shuffled batches of a :class:`TensorBatchDataset` by tensor slicing: a DataLoader without its per-batch machinery.
+
+    Each epoch draws from ``generator`` what a shuffling DataLoader draws (its iterator's base seed,
+    the permutation, and RandomSampler's empty tail permutation), so both give the same batches. It
+    costs ~10 µs a batch instead of ~65 µs, and turns into that DataLoader with :meth:`dataloader`
+    wherever Accelerate must shard or track the batches.
+    """
+
+    def __init__(self, dataset: TensorBatchDataset, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed) if shuffle else None
+        self.device: torch.device | None = None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def to(self, device: torch.device) -> TensorLoader:
+        """A loader yielding batches on ``device``; it shares this one's dataset and generator."""
+        moved = copy.copy(self)
+        moved.device = device
+        return moved
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        size = len(self.dataset)
+        if self.generator is None:
+            order = torch.arange(size)
+        else:
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # a DataLoader iterator's base seed
+            order = torch.randperm(size, generator=self.generator)
+        for start in range(0, size, self.batch_size):
+            index = order[start : start + self.batch_size]
+            inputs, targets = self.dataset.__getitems__(index)
+            if self.device is not None:
+                inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            yield inputs, targets
+        if self.generator is not None:
+            torch.randperm(size, generator=self.generator)  # RandomSampler draws (and empties) a tail permutation
+
+    def dataloader(self) -> DataLoader:
+        """The equivalent DataLoader, sharing this loader's generator (so its shuffle state too)."""
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=self.generator is not None, generator=self.generator, collate_fn=collate
+        )
+
+
+Loader = DataLoader | TensorLoader
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0) -> Loader:
+    """Batches with a seeded shuffle generator (reproducible order).
+
+    In-memory tensors get a :class:`TensorLoader`; anything else a DataLoader with batch-aware collation.
+    """
+    if isinstance(dataset, TensorBatchDataset) and num_workers == 0:
+        return TensorLoader(dataset, batch_size, shuffle, seed)
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers, collate_fn=collate
+    )
+
+

@@ -1,0 +1,78 @@
+"""What the strategies of one seed share: the recipe, the seed's data, the accelerator, checkpoints, and the teachers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import timm
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+from ..config import StageConfig
+from ..data import make_loader
+from ..training import StageReport, train_stage
+from ..training.checkpoint import CheckpointDir, StageCheckpoint
+from .budget import ModelCost
+from .protocol import SeedData, derive_seed
+from .recipe import RecipeConfig
+
+TEACHER_OFFSETS = (0, 1)
+
+
+@dataclass
+class SeedContext:
+    """One seed of an experiment. Strategies create and train networks only through it, so every strategy of a
+    seed uses the same data, precision, schedule machinery and checkpoint layout.
+
+    ``teachers()`` trains the two teachers once per seed (or returns the recipe's given ones), for every
+    strategy that starts from them.
+    """
+
+    recipe: RecipeConfig
+    seed: int
+    data: SeedData
+    accelerator: Accelerator
+    checkpoints: CheckpointDir = field(default_factory=lambda: CheckpointDir(None))
+    progress: bool = True
+    given_teachers: list[nn.Module] = field(default_factory=list)
+    _teachers: list[nn.Module] | None = field(default=None, init=False, repr=False)
+    _cost: ModelCost | None = field(default=None, init=False, repr=False)
+
+    def label(self, what: str) -> str:
+        """A stage name for progress bars and trackers: ``seed <N> <what>``."""
+        return f"seed {self.seed} {what}"
+
+    def create(self, seed: int) -> nn.Module:
+        """A fresh ``timm.create_model(architecture, **model_args)`` initialised from ``seed``."""
+        set_seed(seed)
+        return timm.create_model(self.recipe.architecture, **self.recipe.model_args)
+
+    def train(self, model: nn.Module, stage: StageConfig, *, seed: int, name: str, checkpoint: StageCheckpoint | None = None) -> StageReport:
+        """One stage of :func:`~hf_netmerge.training.train_stage` on the training set, shuffled from ``seed``."""
+        loader = make_loader(self.data.train, self.recipe.batch_size, shuffle=True, seed=seed, num_workers=self.recipe.data.num_workers)
+        return train_stage(model, loader, stage, task=self.recipe.task, accelerator=self.accelerator, name=name,
+                           checkpoint=checkpoint, progress=self.progress)
+
+    @property
+    def teachers_trained(self) -> bool:
+        """Whether ``teachers()`` has been asked for (and so the teachers exist for this seed)."""
+        return self._teachers is not None
+
+    def teachers(self) -> list[nn.Module]:
+        """The two teachers (eval mode): the recipe's given checkpoints, or trained here once, from derived seeds."""
+        if self._teachers is None:
+            self._teachers = list(self.given_teachers) or [self._train_teacher(ab, offset) for ab, offset in zip("ab", TEACHER_OFFSETS)]
+        return self._teachers
+
+    def _train_teacher(self, ab: str, offset: int) -> nn.Module:
+        seed = derive_seed(self.seed, offset)
+        model = self.create(seed)
+        self.train(model, self.recipe.teacher, seed=seed, name=self.label(f"teacher {ab}"), checkpoint=self.checkpoints(f"teacher_{ab}"))
+        return model.eval()
+
+    def cost(self) -> ModelCost:
+        """Multiply-adds per example of one network and of the big student, and the training-set size (measured once)."""
+        if self._cost is None:
+            self._cost = ModelCost.measure(self.recipe, self.data)
+        return self._cost

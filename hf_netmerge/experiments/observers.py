@@ -1,0 +1,100 @@
+"""Observers of an experiment: they read what each strategy did and add to the seed's result row, never change training.
+
+Each hook gets the seed's context; ``on_strategy_start`` runs right before a strategy trains and
+``on_strategy_end`` right after (before it is scored), ``on_seed_end`` once the row is complete.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import TensorBatchDataset, make_loader
+from ..training import predict
+from .context import SeedContext
+from .strategies import Strategy, Trained
+
+
+class Observer:
+    """Base observer: every hook does nothing."""
+
+    def on_strategy_start(self, ctx: SeedContext, strategy: Strategy) -> None:
+        """Called right before ``strategy`` trains."""
+
+    def on_strategy_end(self, ctx: SeedContext, strategy: Strategy, trained: Trained, row: dict[str, Any]) -> None:
+        """Called right after ``strategy`` trained; may add entries to ``row``."""
+
+    def on_seed_end(self, ctx: SeedContext, row: dict[str, Any]) -> None:
+        """Called once the seed's row holds every test score."""
+
+
+class Timer(Observer):
+    """Wall-clock ``seconds`` and process ``cpu_seconds`` per strategy (the student's include training its teachers)."""
+
+    def on_strategy_start(self, ctx: SeedContext, strategy: Strategy) -> None:
+        self._start = (time.perf_counter(), time.process_time())
+
+    def on_strategy_end(self, ctx: SeedContext, strategy: Strategy, trained: Trained, row: dict[str, Any]) -> None:
+        wall, cpu = self._start
+        row.setdefault("seconds", {})[strategy.name] = time.perf_counter() - wall
+        row.setdefault("cpu_seconds", {})[strategy.name] = time.process_time() - cpu
+
+
+class Budgets(Observer):
+    """Each strategy's budget: ``epochs`` (over the training set, every network counted) and training ``macs``."""
+
+    def on_strategy_end(self, ctx: SeedContext, strategy: Strategy, trained: Trained, row: dict[str, Any]) -> None:
+        budget = strategy.budget(ctx.cost())
+        row.setdefault("epochs", {})[strategy.name] = budget.epochs
+        row.setdefault("macs", {})[strategy.name] = budget.macs
+
+
+class Printer(Observer):
+    """One line per strategy and per seed on the main process."""
+
+    def on_strategy_end(self, ctx: SeedContext, strategy: Strategy, trained: Trained, row: dict[str, Any]) -> None:
+        seconds = row.get("seconds", {}).get(strategy.name)
+        if ctx.accelerator.is_main_process:
+            took = f" in {seconds:.1f}s" if seconds is not None else ""
+            print(f"seed {ctx.seed}: {strategy.name} done{took}", flush=True)
+
+    def on_seed_end(self, ctx: SeedContext, row: dict[str, Any]) -> None:
+        if ctx.accelerator.is_main_process:
+            scores = ", ".join(f"{name.replace('_', ' ')} {row[name]:.4f}" for name in _strategy_names(row))
+            print(f"seed {ctx.seed}: test {ctx.recipe.metric} {scores}", flush=True)
+
+
+class Curves(Observer):
+    """Each strategy's predictions on a 1-d input ``grid`` (the learned functions of the sine problem, the paper's Fig. 10)."""
+
+    def __init__(self, grid: torch.Tensor) -> None:
+        self.grid = grid.view(-1, 1)
+
+    def on_strategy_end(self, ctx: SeedContext, strategy: Strategy, trained: Trained, row: dict[str, Any]) -> None:
+        loader = make_loader(TensorBatchDataset(self.grid, torch.zeros_like(self.grid)), len(self.grid), shuffle=False)
+        row.setdefault("curves", {})[strategy.name] = predict(trained.model, loader, ctx.accelerator)[:, 0].tolist()
+
+
+class SaveStudents(Observer):
+    """Saves every merged student (timm layout + model card) as ``<directory>/seed<N>/<strategy>`` on the main process."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def on_strategy_end(self, ctx: SeedContext, strategy: Strategy, trained: Trained, row: dict[str, Any]) -> None:
+        if trained.merge is not None and ctx.accelerator.is_main_process:
+            trained.merge.save_pretrained(self.directory / f"seed{ctx.seed}" / strategy.name, overwrite=True)
+
+
+class TrackTestScores(Observer):
+    """Logs every test score to the accelerator's trackers as ``test/<strategy>``, stepped by seed."""
+
+    def on_seed_end(self, ctx: SeedContext, row: dict[str, Any]) -> None:
+        ctx.accelerator.log({f"test/{name}": row[name] for name in _strategy_names(row)}, step=ctx.seed)
+
+
+def _strategy_names(row: dict[str, Any]) -> list[str]:
+    return [k for k, v in row.items() if k != "seed" and isinstance(v, float)]

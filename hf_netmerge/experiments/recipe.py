@@ -1,0 +1,184 @@
+"""Recipes: a whole experiment as one typed config (teachers, the merge, the baselines, the data), loaded by name or path.
+
+The paper's experiments ship as package data (``hf_netmerge/recipes/*.yaml``): ``load_recipe("sine")``
+and ``load_recipe("path/to/recipe.yaml")`` both work, with dotted ``key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..config import CONFIG_VERSION, MergeConfig, MergeSchedule, MixedPrecision, StageConfig, Task, TypedConfig, require
+from ..errors import ConfigError
+from ..overrides import apply_overrides
+
+
+@dataclass
+class DataConfig(TypedConfig):
+    """Where a recipe's data comes from (see :func:`hf_netmerge.data.load_data`) and how it is split.
+
+    ``val_fraction`` of the training set is held out (same split for every strategy) to pick bo3's
+    model; the test split scores everything. The generated sine problem draws its own validation
+    set instead (10k training, 2k validation, 10k test examples per seed, see
+    :func:`hf_netmerge.data.sine_splits`). ``eval_batch_size`` only changes float rounding of the test loss.
+    """
+
+    dataset: str = "sine"
+    image_column: str = "image"
+    label_column: str = "label"
+    image_size: int | None = None
+    val_fraction: float = 0.1
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+    num_workers: int = 0
+    eval_batch_size: int = 256
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        require(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("max_train_samples", "max_test_samples", "eval_batch_size"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"{name} must be >= 1, got {value}")
+        require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class PruningConfig(TypedConfig):
+    """The channel-pruning baseline: a double-width network trained, pruned to half, fine-tuned.
+
+    Channels go in ``prune_epochs`` equal steps, least important first by first-order Taylor
+    importance (Molchanov et al. 2019): the squared gradient of the loss w.r.t. a per-channel mask.
+    """
+
+    train: StageConfig = field(default_factory=StageConfig)
+    prune_epochs: int = 1
+    prune_lr: float = 0.01
+    finetune: StageConfig = field(default_factory=StageConfig)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        require(self.prune_epochs >= 1, f"prune_epochs must be >= 1, got {self.prune_epochs}")
+        require(self.prune_lr > 0, f"prune_lr must be > 0, got {self.prune_lr}")
+
+
+Baseline = Literal["bo3", "one_model", "pruning"]
+
+
+@dataclass
+class RecipeConfig(TypedConfig):
+    """A whole experiment: teachers (trained, or given), the merge, and the baselines at the same budget.
+
+    What every strategy shares (task, batch size, precision, the data's columns and image size) is set
+    once here; the ``merge:`` section is the method's :class:`~hf_netmerge.config.MergeSchedule`.
+    """
+
+    name: str = "experiment"
+    architecture: str = "netmerge_sine_mlp"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    task: Task = "classification"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    batch_size: int = 64
+    mixed_precision: MixedPrecision = "no"
+    gradient_accumulation_steps: int = 1
+    threads: int | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: list[str] = field(default_factory=list)
+    teacher: StageConfig = field(default_factory=StageConfig)
+    merge: MergeSchedule = field(default_factory=MergeSchedule)
+    baselines: list[Baseline] = field(default_factory=lambda: ["bo3", "one_model"])
+    one_model: StageConfig = field(default_factory=StageConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    checkpoint_every: int = 1
+    log_with: list[str] = field(default_factory=list)
+    version: int = CONFIG_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecipeConfig:
+        merge = data.get("merge") if isinstance(data, dict) else None
+        misplaced = sorted(set(MergeConfig.run_fields()) & set(merge)) if isinstance(merge, dict) else []
+        if misplaced:
+            raise ConfigError(f"merge: {misplaced} are set once for every strategy, at the recipe's top level")
+        return super().from_dict(data)
+
+    def __post_init__(self) -> None:
+        require(bool(self.seeds), "seeds must not be empty")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        require(len(self.teachers) in (0, 2), f"teachers must list two checkpoints or none, got {len(self.teachers)}")
+        require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        require(len(set(self.baselines)) == len(self.baselines), f"baselines repeat: {self.baselines}")
+        require(set(self.log_with) <= {"tensorboard"}, f"log_with supports 'tensorboard', got {self.log_with}")
+
+    @property
+    def metric(self) -> str:
+        """The test metric: ``accuracy`` for classification, ``mse`` for regression."""
+        return "accuracy" if self.task == "classification" else "mse"
+
+    def merge_config(self, seed: int, schedule: MergeSchedule | None = None) -> MergeConfig:
+        """``schedule`` (default: the recipe's ``merge``) completed with the recipe-wide settings and ``seed``."""
+        return MergeConfig(
+            **(schedule or self.merge).to_dict(),
+            task=self.task,
+            batch_size=self.batch_size,
+            mixed_precision=self.mixed_precision,
+            seed=seed,
+            image_column=self.data.image_column,
+            label_column=self.data.label_column,
+            image_size=self.data.image_size,
+            num_workers=self.data.num_workers,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+        )
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped with the package (``hf-netmerge run NAME``)."""
+    folder = importlib.resources.files("hf_netmerge") / "recipes"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_text(name_or_path: str | Path) -> str:
+    """The YAML of a recipe file, or of a packaged recipe by name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.read_text()
+    packaged = importlib.resources.files("hf_netmerge") / "recipes" / f"{name_or_path}.yaml"
+    if str(name_or_path) in available_recipes():
+        return packaged.read_text()
+    raise ConfigError(f"no recipe file {str(name_or_path)!r} and no packaged recipe of that name (packaged: {available_recipes()})")
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    """A validated recipe from a file or a packaged name, with dotted ``key=value`` overrides applied."""
+    try:
+        data = yaml.safe_load(recipe_text(name_or_path)) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read recipe {name_or_path}: {e}") from e
+    return RecipeConfig.from_dict(apply_overrides(data, list(overrides)))
+
+
+def scale_recipe(recipe: RecipeConfig, factor: float) -> RecipeConfig:
+    """``recipe`` with every stage's epochs times ``factor`` (at least 1), drops moved in proportion.
+
+    λ's growth per epoch is divided by ``factor`` so λ ends where it would after the full gate stage.
+    """
+    require(factor > 0, f"the epochs scale must be > 0, got {factor}")
+
+    def epochs(n: int) -> int:
+        return max(1, round(n * factor))
+
+    def stage(s: StageConfig) -> StageConfig:
+        return s.stretched(epochs(s.epochs))
+
+    merge = recipe.merge
+    finetune = stage(merge.finetune_stage())
+    merge = dataclasses.replace(merge, gate_epochs=epochs(merge.gate_epochs), finetune_epochs=finetune.epochs,
+                                finetune_milestones=finetune.milestones, lambda_growth=merge.lambda_growth / factor)
+    pruning = dataclasses.replace(recipe.pruning, train=stage(recipe.pruning.train), finetune=stage(recipe.pruning.finetune),
+                                  prune_epochs=epochs(recipe.pruning.prune_epochs))
+    return dataclasses.replace(recipe, teacher=stage(recipe.teacher), one_model=stage(recipe.one_model), merge=merge, pruning=pruning)

@@ -1,0 +1,146 @@
+"""Running experiments: every strategy of one seed (:func:`run_seed`), and a whole recipe into a directory (:func:`run_recipe`).
+
+Everything is checked before the first step (recipe, architecture, channel groups, data, given
+teachers). In :func:`run_recipe` every stage checkpoints under ``<output>/checkpoints`` and a rerun
+of the same recipe into the same directory resumes from the newest complete checkpoints. Results go
+to ``results.json`` and ``results.md``, next to the exact resolved recipe in ``recipe.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from ..data import make_loader
+from ..errors import OutputExistsError
+from ..hub import load_teacher
+from ..training import MeanEnsemble, evaluate, make_accelerator
+from ..training.checkpoint import CheckpointDir
+from . import report
+from .context import SeedContext
+from .observers import Observer, Printer, SaveStudents, Timer, TrackTestScores
+from .protocol import SeedData, depends_on_seed, load_seed_data, probe_model
+from .recipe import RecipeConfig
+from .strategies import Strategy, Trained, strategies_for
+
+
+@dataclass
+class SeedResult:
+    """One seed: its result row (test scores and what observers added), each strategy's trained network, the teachers."""
+
+    row: dict[str, Any]
+    trained: dict[str, Trained]
+    teachers: list[nn.Module]
+
+
+def run_seed(
+    recipe: RecipeConfig,
+    seed: int,
+    *,
+    strategies: Sequence[Strategy] | None = None,
+    data: SeedData | None = None,
+    accelerator: Accelerator | None = None,
+    observers: Sequence[Observer] = (),
+    checkpoints: CheckpointDir | None = None,
+    given_teachers: Sequence[nn.Module] = (),
+    progress: bool = True,
+) -> SeedResult:
+    """Train ``strategies`` (default: the recipe's) on one seed's data and score each on its test set.
+
+    The row holds ``seed``, each strategy's test metric, the teachers' and their ensemble's (when a
+    strategy used the teachers), what the strategies record (validation scores, gate statistics) and
+    what ``observers`` add (timings, budgets, curves).
+    """
+    accelerator = accelerator or make_accelerator(recipe.mixed_precision, gradient_accumulation_steps=recipe.gradient_accumulation_steps)
+    ctx = SeedContext(recipe, seed, data if data is not None else load_seed_data(recipe, seed), accelerator,
+                      checkpoints or CheckpointDir(None), progress, list(given_teachers))
+    test_loader = make_loader(ctx.data.test, recipe.data.eval_batch_size, shuffle=False)
+
+    def score(model: nn.Module) -> float:
+        return evaluate(model, test_loader, task=recipe.task, accelerator=accelerator)[recipe.metric]
+
+    row: dict[str, Any] = {"seed": seed}
+    trained: dict[str, Trained] = {}
+    for strategy in strategies if strategies is not None else strategies_for(recipe):
+        for observer in observers:
+            observer.on_strategy_start(ctx, strategy)
+        trained[strategy.name] = result = strategy.train(ctx)
+        for observer in observers:
+            observer.on_strategy_end(ctx, strategy, result, row)
+        row[strategy.name] = score(result.model)
+        row.update(result.record)
+    teachers = ctx.teachers() if ctx.teachers_trained else []
+    if teachers:
+        row["teacher_a"], row["teacher_b"], row["ensemble"] = score(teachers[0]), score(teachers[1]), score(MeanEnsemble(*teachers))
+    for observer in observers:
+        observer.on_seed_end(ctx, row)
+    return SeedResult(row, trained, teachers)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _prepare_output(out: Path, recipe: RecipeConfig, overwrite: bool) -> bool:
+    """Create ``out``; returns True when it holds an earlier run of the same recipe to resume."""
+    if out.exists() and any(out.iterdir()):
+        saved = out / "recipe.json"
+        if saved.is_file() and json.loads(saved.read_text()) == recipe.to_dict():
+            return True
+        if not overwrite:
+            raise OutputExistsError(f"{out} holds another run; choose another --output-dir or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def run_recipe(recipe: RecipeConfig, output_dir: str | os.PathLike[str], overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run every seed of ``recipe`` into ``output_dir`` (resuming a same-recipe run there); returns the results.
+
+    Each seed's merged student is saved as ``seed<N>/student`` (timm layout + model card).
+    """
+    out = Path(output_dir)
+    probe = probe_model(recipe)
+    # Generated data is made per seed (every seed checked here, reused below); a dataset is loaded once.
+    loaded = {seed: load_seed_data(recipe, seed, probe) for seed in (recipe.seeds if depends_on_seed(recipe) else recipe.seeds[:1])}
+    given = [load_teacher(ref, recipe.architecture, recipe.model_args)[0] for ref in recipe.teachers]
+    if recipe.threads is not None:
+        torch.set_num_threads(recipe.threads)
+    accelerator = make_accelerator(recipe.mixed_precision, gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+                                   log_with=recipe.log_with, project_dir=str(out / "logs"))
+    resumed = _prepare_output(out, recipe, overwrite) if accelerator.is_main_process else False
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(out / "recipe.json", recipe.to_dict())
+    if recipe.log_with:
+        accelerator.init_trackers(recipe.name, config={"recipe": json.dumps(recipe.to_dict())})
+    observers = [Timer(), SaveStudents(out), Printer(), TrackTestScores()]
+    checkpoints = CheckpointDir(out / "checkpoints", recipe.checkpoint_every, accelerator.is_main_process)
+    runs = [
+        run_seed(recipe, seed, data=loaded.get(seed, loaded[recipe.seeds[0]]), accelerator=accelerator, observers=observers,
+                 checkpoints=checkpoints.sub(f"seed{seed}"), given_teachers=given, progress=progress).row
+        for seed in recipe.seeds
+    ]
+    strategies = ["student", *recipe.baselines]
+    summary = report.summarize(runs, [*strategies, "teacher_a", "teacher_b", "ensemble"], recipe.task == "classification",
+                               recipe.baselines)
+    results = {"recipe": recipe.name, "metric": recipe.metric, "dataset": loaded[recipe.seeds[0]].name, "runs": runs,
+               "summary": summary, "resumed": resumed}
+    if accelerator.is_main_process:
+        _write_json(out / "results.json", results)
+        (out / "results.md").write_text(f"# {recipe.name}\n\n" + report.markdown_table(summary, strategies, recipe.metric))
+        print(report.text_table(summary, strategies, recipe.metric), flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results

@@ -1,0 +1,61 @@
+"""The method's invariants over the one table of architectures (conftest.ARCHITECTURES): core models, declared timm
+families and discovered ones, each with random BatchNorm affine parameters and real running statistics."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from conftest import ARCHITECTURES, arch_ids, input_shape, make_teacher
+
+import hf_netmerge as hm
+
+
+def _assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal to float tolerance relative to the output's scale (random BN statistics can make it large or tiny)."""
+    scale = expected.abs().max().clamp_min(1e-6)
+    torch.testing.assert_close(actual / scale, expected / scale, rtol=1e-4, atol=1e-5)
+
+
+def _force_half_open(gated: hm.GatedModel, seed: int) -> None:
+    """Set every gate exactly open (eval value 1) or closed (0), half of each group, at random."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in gated.gates.values():
+            gate.log_alpha.copy_(torch.where(torch.randperm(gate.size, generator=gen) < gate.size // 2, 8.0, -8.0))
+
+
+@pytest.mark.parametrize("name,kwargs", ARCHITECTURES, ids=arch_ids(ARCHITECTURES))
+def test_big_student_equals_teacher_mean(name, kwargs):
+    a, b = make_teacher(name, kwargs, 0), make_teacher(name, kwargs, 1)
+    x = torch.randn(input_shape(a, 4))
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+        assert (ya - yb).abs().max() > 1e-2 * ya.abs().max()  # the teachers really differ
+        big = hm.concatenate(a, b).eval()
+        _assert_same(big(x), (ya + yb) / 2)
+    for g in big.netmerge_spec.groups:
+        for p in g.producers:
+            assert big.get_submodule(p).weight.shape[0] == 2 * g.size
+
+
+@pytest.mark.parametrize("name,kwargs", ARCHITECTURES, ids=arch_ids(ARCHITECTURES))
+def test_compressed_student_equals_masked_big_student_and_loads_strictly(name, kwargs):
+    a, b = make_teacher(name, kwargs, 0), make_teacher(name, kwargs, 1)
+    gated = hm.add_gates(hm.concatenate(a, b))
+    _force_half_open(gated, 3)
+    gated.eval()
+    for gate in gated.gates.values():
+        assert set(gate.eval_value().unique().tolist()) == {0.0, 1.0}
+    x = torch.randn(input_shape(a, 4))
+    with torch.no_grad():
+        student = hm.compress(gated).eval()
+        _assert_same(student(x), gated(x))
+    fresh = timm.create_model(name, **kwargs)
+    fresh_sd, student_sd = fresh.state_dict(), student.state_dict()
+    assert list(student_sd) == list(fresh_sd)
+    assert {k: v.shape for k, v in student_sd.items()} == {k: v.shape for k, v in fresh_sd.items()}
+    fresh.load_state_dict(student_sd, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), student(x))
+    assert type(student) is type(a) and not hasattr(student, "netmerge_spec")
