@@ -34,7 +34,6 @@ from hf_netmerge.gates import GateRegularizer
 from hf_netmerge.training import make_accelerator, train_stage
 
 
-
 def synthetic(num_classes: int, size: int, seed: int, device: torch.device) -> TensorBatchDataset:
     """CIFAR-shaped images: a smooth random prototype per class plus noise."""
     gen = torch.Generator().manual_seed(1234)

@@ -30,9 +30,9 @@ from .spec import MergeSpec
 from .surgery import select_model, widen_model
 from .training import MeanEnsemble, StageReport, evaluate, make_accelerator, predict, train_stage
 from .training.checkpoint import CheckpointDir
-
-RECORD_VERSION = 1
 from .validation import check_output_dir, check_teachers
+
+RECORD_VERSION = 2  # 2: the record names its datasets (the card is rendered from it)
 
 
 def concatenate(teacher_a: nn.Module, teacher_b: nn.Module) -> nn.Module:

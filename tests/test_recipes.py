@@ -118,3 +118,12 @@ def test_another_recipe_in_the_same_output_dir_needs_overwrite(tmp_path):
     run_recipe(_sine(), tmp_path / "run", progress=False)
     with pytest.raises(Exception, match="another run"):
         run_recipe(_sine("teacher.epochs=3"), tmp_path / "run", progress=False)
+
+
+def test_run_takes_a_packaged_recipe_by_name(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "sine-cpu", *TINY_SINE, "baselines=[]", "data.max_train_samples=512", "--output-dir", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["recipe"] == "sine-cpu" and "student" in results["runs"][0]
+    assert main(["run", "no-such-recipe", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "no packaged recipe of that name" in capsys.readouterr().err and not (tmp_path / "x").exists()
