@@ -34,10 +34,10 @@ class Strategy(ABC):
     """One way to spend a seed's budget. Subclasses are dataclasses registered with :func:`register_strategy`.
 
     ``seed_offset`` is the first of the offsets (:func:`~hf_netmerge.experiments.protocol.derive_seed`)
-    its networks are initialised and shuffled from; ``name`` is its column in results.
+    its networks are initialised and shuffled from, distinct per registered strategy (a strategy of k
+    networks uses the next k − 1 too, so offsets lie 10 apart); ``name`` is its column in results.
     """
 
-    kind: ClassVar[str]
     seed_offset: ClassVar[int]
     name: str
 
@@ -81,7 +81,9 @@ def register_strategy(kind: str) -> Callable[[S], S]:
     def register(cls: S) -> S:
         if kind in STRATEGIES:
             raise ValueError(f"strategy {kind!r} is already registered")
-        cls.kind = kind
+        taken = {other.seed_offset: name for name, other in STRATEGIES.items()}
+        if cls.seed_offset in taken:
+            raise ValueError(f"strategy {kind!r}: seed_offset {cls.seed_offset} is already {taken[cls.seed_offset]!r}'s")
         STRATEGIES[kind] = cls
         return cls
 
