@@ -22,7 +22,7 @@ from ._version import __version__
 from .adapters import resolve_spec
 from .card import render_card
 from .config import MergeConfig
-from .data import make_loader, prepare_dataset
+from .data import Preprocessing, make_loader, prepare_dataset, training_view
 from .errors import UnsupportedModelError
 from .gates import GatedModel, GateRegularizer, GroupStats, add_gates, gates_removed
 from .hub import TeacherInfo, load_teacher, push_folder, save_student
@@ -32,7 +32,7 @@ from .training import MeanEnsemble, StageReport, evaluate, make_accelerator, pre
 from .training.checkpoint import CheckpointDir
 from .validation import check_output_dir, check_teachers
 
-RECORD_VERSION = 2  # 2: the record names its datasets (the card is rendered from it)
+RECORD_VERSION = 3  # 2: the record names its datasets (the card is rendered from it); 3: and the preprocessing
 
 
 def concatenate(teacher_a: nn.Module, teacher_b: nn.Module) -> nn.Module:
@@ -107,6 +107,7 @@ class MergeResult:
     function_gap: dict[str, float] = field(default_factory=dict)
     dataset_names: list[str] = field(default_factory=list)
     label_names: list[str] | None = None
+    preprocessing: Preprocessing | None = None
 
     @property
     def architecture(self) -> str:
@@ -123,6 +124,7 @@ class MergeResult:
             "version": RECORD_VERSION,
             "architecture": self.architecture,
             "datasets": self.dataset_names,
+            "preprocessing": self.preprocessing.to_dict() if self.preprocessing is not None else None,
             "merge_config": self.config.to_dict(),
             "teachers": [t.to_dict() for t in self.teachers],
             "spec": self.spec.to_dict(),
@@ -160,6 +162,7 @@ class MergeResult:
             merge_record=record,
             card=render_card(record),
             label_names=self.label_names,
+            preprocessing=self.preprocessing,
             overwrite=overwrite,
         )
 
@@ -242,6 +245,8 @@ def merge_models(
     )
     train_set = prepare(train_data, min_size=config.batch_size, label="train_data")
     eval_set = prepare(eval_data, min_size=1, label="eval_data") if eval_data is not None else None
+    preprocessing = getattr(train_set, "preprocessing", None)
+    train_set = training_view(train_set, config.augment, config.seed)
 
     accelerator = run.accelerator or make_accelerator(config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
     set_seed(config.seed)
@@ -290,6 +295,7 @@ def merge_models(
         function_gap=gap,
         dataset_names=_dataset_name(train_data),
         label_names=_label_names(train_data, config.label_column),
+        preprocessing=preprocessing,
     )
     if output is not None and accelerator.is_main_process:
         result.save_pretrained(output.directory, overwrite=output.overwrite)

@@ -167,6 +167,50 @@ def moved_milestones(milestones: list[int], epochs: int, new_epochs: int) -> lis
     return sorted({round(m * new_epochs / epochs) for m in milestones} & set(range(1, new_epochs)))
 
 
+AugmentMode = Literal["auto", "none"]
+
+
+@dataclass
+class AugmentConfig(TypedConfig):
+    """Train-time augmentation of image inputs (validation and test data always go through the eval transform).
+
+    ``auto``: for images of 64 px and more, timm's training transform (RandomResizedCrop with ``scale`` and
+    ``ratio``, flip, ``color_jitter``, ``auto_augment``, random erasing with ``re_prob``), as timm's
+    ``train.py`` builds it; for smaller images (CIFAR / MNIST size), a random crop after ``pad`` pixels of
+    padding and a horizontal flip with probability ``hflip`` (set 0 for digit-like data); in-memory image
+    tensors get the same crop and flip on the batch. ``none``: the eval transform everywhere. Non-image
+    inputs are never augmented. In YAML, ``augment: none`` is short for ``augment: {mode: none}``.
+    """
+
+    mode: AugmentMode = "auto"
+    hflip: float = 0.5
+    pad: int = 4
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    color_jitter: float = 0.4
+    auto_augment: str | None = None
+    re_prob: float = 0.0
+    version: int = CONFIG_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | str) -> AugmentConfig:
+        return super().from_dict({"mode": data} if isinstance(data, str) else data)
+
+    def __post_init__(self) -> None:
+        require(0 <= self.hflip <= 1, f"augment.hflip must be in [0, 1], got {self.hflip}")
+        require(0 <= self.re_prob <= 1, f"augment.re_prob must be in [0, 1], got {self.re_prob}")
+        require(self.pad >= 0, f"augment.pad must be >= 0, got {self.pad}")
+        require(self.color_jitter >= 0, f"augment.color_jitter must be >= 0, got {self.color_jitter}")
+        for name in ("scale", "ratio"):
+            low_high = getattr(self, name)
+            require(len(low_high) == 2 and 0 < low_high[0] <= low_high[1], f"augment.{name} must be [low, high] with 0 < low <= high")
+
+    @property
+    def active(self) -> bool:
+        """Whether training inputs are augmented at all."""
+        return self.mode != "none"
+
+
 @dataclass
 class MergeSchedule(TypedConfig):
     """The method's own settings: how long and how the gate stage and fine-tuning train.
@@ -225,8 +269,9 @@ class MergeSchedule(TypedConfig):
 class MergeConfig(MergeSchedule):
     """Everything :func:`~hf_netmerge.merge_models` needs: the :class:`MergeSchedule` plus how to read the data and run.
 
-    The defaults suit a small CPU run. Images of a ``datasets.Dataset`` go through timm's eval
-    transform for the teachers, resized to ``image_size`` when set (else the architecture's input size).
+    The defaults suit a small CPU run. Images of a ``datasets.Dataset`` go through timm's transforms for
+    the teachers at ``image_size`` when set (else the architecture's input size): the training stages
+    through the train transform that ``augment`` describes, evaluation through the eval transform.
     """
 
     task: Task = "classification"
@@ -236,6 +281,7 @@ class MergeConfig(MergeSchedule):
     image_column: str = "image"
     label_column: str = "label"
     image_size: int | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 0
     gradient_accumulation_steps: int = 1
 

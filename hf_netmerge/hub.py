@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import architecture_name
+from .data import Preprocessing
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -277,8 +278,9 @@ def _load_hub(ref: str) -> tuple[nn.Module, TeacherInfo]:
     return _load_dir(config_path.parent, "hf-hub", repo_id, commit)
 
 
-def timm_config(model: nn.Module, label_names: list[str] | None = None) -> dict[str, Any]:
-    """timm's ``config.json`` for ``model``, with ``num_classes`` kept out of ``model_args``.
+def timm_config(model: nn.Module, label_names: list[str] | None = None, preprocessing: Preprocessing | None = None) -> dict[str, Any]:
+    """timm's ``config.json`` for ``model``, with ``num_classes`` kept out of ``model_args``, and the ``preprocessing``
+    its inputs went through in ``pretrained_cfg`` (so ``timm.data.resolve_data_config({}, model=reloaded)`` gives it).
 
     (transformers' timm wrapper passes ``num_classes`` itself and fails when ``model_args`` repeats it.)
     """
@@ -291,6 +293,8 @@ def timm_config(model: nn.Module, label_names: list[str] | None = None) -> dict[
     config.get("model_args", {}).pop("num_classes", None)
     if not config.get("model_args"):
         config.pop("model_args", None)
+    if preprocessing is not None:
+        config["pretrained_cfg"] = {**config.get("pretrained_cfg", {}), **preprocessing.to_dict()}
     return config
 
 
@@ -308,6 +312,7 @@ def save_student(
     merge_record: dict[str, Any],
     card: str,
     label_names: list[str] | None = None,
+    preprocessing: Preprocessing | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``config.json``, ``model.safetensors``, ``netmerge_config.json`` and ``README.md`` atomically."""
@@ -317,7 +322,7 @@ def save_student(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        _write(tmp / CONFIG_NAME, json.dumps(timm_config(student, label_names), indent=2))
+        _write(tmp / CONFIG_NAME, json.dumps(timm_config(student, label_names, preprocessing), indent=2))
         state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
         _write(tmp / WEIGHTS_NAME, safetensors.torch.save(state, metadata={"format": "pt"}))
         _write(tmp / MERGE_CONFIG_NAME, json.dumps(merge_record, indent=2))  # in record order: the card renders from it

@@ -57,7 +57,7 @@ def test_recipe_merge_section_holds_only_the_schedule():
     assert config.seed == 7 and config.task == "regression" and config.batch_size == recipe.batch_size
     assert config.gate_epochs == 150 and config.lambda_growth == 0.05
     assert set(hm.MergeConfig.run_fields()) == {"task", "batch_size", "mixed_precision", "seed", "image_column", "label_column",
-                                                "image_size", "num_workers", "gradient_accumulation_steps"}
+                                                "image_size", "augment", "num_workers", "gradient_accumulation_steps"}
 
 
 def test_sine_protocol_is_defined_once():

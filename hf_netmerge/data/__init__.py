@@ -3,12 +3,13 @@
 One module per concern; the names below are the package's public surface.
 """
 
+from .augment import Preprocessing, TensorAugment, image_transforms
 from .checks import check_dataset, dataset_targets
 from .datasets import HFImageDataset, TensorBatchDataset, as_torch_dataset, collate, is_hf_dataset, split, subset
 from .loaders import Loader, TensorLoader, make_loader
 from .named import NamedData, load_data
 from .offline import SINE_TEST_SIZE, SINE_TRAIN_SIZE, SINE_VAL_SIZE, fashion_mnist, mnist, sine_data, sine_splits
-from .transforms import model_transform, prepare_dataset
+from .transforms import prepare_dataset, training_view
 
 __all__ = [
     "SINE_TEST_SIZE",
@@ -17,7 +18,9 @@ __all__ = [
     "HFImageDataset",
     "Loader",
     "NamedData",
+    "Preprocessing",
     "TensorBatchDataset",
+    "TensorAugment",
     "TensorLoader",
     "as_torch_dataset",
     "check_dataset",
@@ -28,10 +31,11 @@ __all__ = [
     "load_data",
     "make_loader",
     "mnist",
-    "model_transform",
+    "image_transforms",
     "prepare_dataset",
     "sine_data",
     "sine_splits",
     "split",
     "subset",
+    "training_view",
 ]

@@ -65,13 +65,12 @@ Loader = DataLoader | TensorLoader
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0) -> Loader:
     """Batches with a seeded shuffle generator (reproducible order).
 
-    In-memory tensors get a :class:`TensorLoader`; anything else a DataLoader with batch-aware collation.
+    In-memory tensors get a :class:`TensorLoader` (sliced in the main process: workers would add nothing);
+    anything else a DataLoader with batch-aware collation that decodes in ``num_workers`` persistent
+    worker processes, pinning memory when a GPU is present.
     """
-    if isinstance(dataset, TensorBatchDataset) and num_workers == 0:
+    if isinstance(dataset, TensorBatchDataset):
         return TensorLoader(dataset, batch_size, shuffle, seed)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers, collate_fn=collate
-    )
-
-
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers, collate_fn=collate,
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())

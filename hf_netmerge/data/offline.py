@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import DatasetError
+from .augment import Preprocessing
 from .datasets import TensorBatchDataset
 
 
@@ -60,7 +61,12 @@ def fashion_mnist(split: str, directory: Path = FASHION_MNIST_DIR) -> TensorBatc
         raise DatasetError(f"Fashion-MNIST not found in {directory}; install it with: apt-get install dataset-fashion-mnist")
     images = torch.from_numpy(_read_idx(images_path).copy()).float().div_(255).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
     labels = torch.from_numpy(_read_idx(labels_path).astype(np.int64))
-    return TensorBatchDataset(images.unsqueeze(1), labels)
+    return TensorBatchDataset(images.unsqueeze(1), labels, _grayscale_28(FASHION_MNIST_MEAN, FASHION_MNIST_STD))
+
+
+def _grayscale_28(mean: float, std: float) -> Preprocessing:
+    """How 28×28 uint8 images became these tensors: scaled to [0, 1], normalized, no resize (timm's eval transform at crop 1)."""
+    return Preprocessing(input_size=(1, 28, 28), mean=(mean,), std=(std,), interpolation="bilinear", crop_pct=1.0)
 
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -87,6 +93,6 @@ def mnist(split: str) -> TensorBatchDataset:
         labels = torch.from_numpy(group[f"{prefix}_labels"][:].astype(np.int64))
     finally:
         store.close()
-    return TensorBatchDataset(images.unsqueeze(1), labels)
+    return TensorBatchDataset(images.unsqueeze(1), labels, _grayscale_28(MNIST_MEAN, MNIST_STD))
 
 

@@ -10,7 +10,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from ..config import StageConfig
-from ..data import make_loader
+from ..data import make_loader, training_view
 from ..training import StageReport, train_stage
 from ..training.checkpoint import CheckpointDir, StageCheckpoint
 from .budget import ModelCost
@@ -49,8 +49,10 @@ class SeedContext:
         return timm.create_model(self.recipe.architecture, **self.recipe.model_args)
 
     def train(self, model: nn.Module, stage: StageConfig, *, seed: int, name: str, checkpoint: StageCheckpoint | None = None) -> StageReport:
-        """One stage of :func:`~hf_netmerge.training.train_stage` on the training set, shuffled from ``seed``."""
-        loader = make_loader(self.data.train, self.recipe.batch_size, shuffle=True, seed=seed, num_workers=self.recipe.data.num_workers)
+        """One stage of :func:`~hf_netmerge.training.train_stage` on the training set (through the recipe's train-time
+        augmentation, drawn from ``seed``), shuffled from ``seed``."""
+        train = training_view(self.data.train, self.recipe.augment, seed)
+        loader = make_loader(train, self.recipe.batch_size, shuffle=True, seed=seed, num_workers=self.recipe.data.num_workers)
         return train_stage(model, loader, stage, task=self.recipe.task, accelerator=self.accelerator, name=name,
                            checkpoint=checkpoint, progress=self.progress)
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..config import CONFIG_VERSION, MergeConfig, MergeSchedule, MixedPrecision, StageConfig, Task, TypedConfig, require
+from ..config import CONFIG_VERSION, AugmentConfig, MergeConfig, MergeSchedule, MixedPrecision, StageConfig, Task, TypedConfig, require
 from ..errors import ConfigError
 from ..overrides import apply_overrides
 
@@ -74,8 +74,9 @@ Baseline = Literal["bo3", "one_model", "pruning"]
 class RecipeConfig(TypedConfig):
     """A whole experiment: teachers (trained, or given), the merge, and the baselines at the same budget.
 
-    What every strategy shares (task, batch size, precision, the data's columns and image size) is set
-    once here; the ``merge:`` section is the method's :class:`~hf_netmerge.config.MergeSchedule`.
+    What every strategy shares (task, batch size, precision, the data's columns and image size, the
+    train-time ``augment``) is set once here; the ``merge:`` section is the method's
+    :class:`~hf_netmerge.config.MergeSchedule`.
     """
 
     name: str = "experiment"
@@ -88,6 +89,7 @@ class RecipeConfig(TypedConfig):
     gradient_accumulation_steps: int = 1
     threads: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     teachers: list[str] = field(default_factory=list)
     teacher: StageConfig = field(default_factory=StageConfig)
     merge: MergeSchedule = field(default_factory=MergeSchedule)
@@ -131,6 +133,7 @@ class RecipeConfig(TypedConfig):
             image_column=self.data.image_column,
             label_column=self.data.label_column,
             image_size=self.data.image_size,
+            augment=self.augment,
             num_workers=self.data.num_workers,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
         )

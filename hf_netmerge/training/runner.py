@@ -134,6 +134,7 @@ def train_stage(
     train_model.train()
     for epoch in bar:
         epoch_start = time.perf_counter()
+        _set_epoch(loader, epoch)
         losses: list[torch.Tensor] = []  # no host sync per step: read once at the end of the epoch
         sizes: list[int] = []
         for inputs, targets in train_loader:
@@ -185,6 +186,13 @@ def train_stage(
     accelerator.unwrap_model(train_model, keep_fp32_wrapper=False)
     accelerator.free_memory()
     return report
+
+
+def _set_epoch(loader: Loader, epoch: int) -> None:
+    """Tell the dataset which epoch's augmentation to draw (in-memory tensors are augmented per (seed, epoch, example))."""
+    dataset = getattr(loader, "dataset", None)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
 
 
 def _as_dataloader(loader: Loader) -> DataLoader:
