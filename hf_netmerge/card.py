@@ -96,6 +96,32 @@ def render_card(record: dict[str, Any]) -> str:
         else ""
     )
     gap = ", ".join(f"{k} {_fmt(v)}" for k, v in record["function_gap"].items()) or "not measured (no eval data)"
+    prep = record["preprocessing"]
+    transform_lines = (
+        'config = timm.data.resolve_data_config({}, model=model)  # the preprocessing it was trained and evaluated with\n'
+        'transform = timm.data.create_transform(**config)         # eval transform for PIL images'
+        + (' (convert them with .convert("L") first)' if prep["input_size"][0] == 1 else "") + "\n"
+        if prep is not None else ""
+    )
+    inputs = (f"Inputs: {'×'.join(map(str, prep['input_size']))}, mean {prep['mean']}, std {prep['std']}, {prep['interpolation']} "
+              f"resize, crop {prep['crop_pct']} (in `config.json`'s `pretrained_cfg`)." if prep is not None else
+              "Inputs: as given to the merge (no image preprocessing was recorded).")
+    augment = cfg["augment"]
+    augmentation = ("Training stages read augmented inputs: " + ", ".join(f"{k} {v}" for k, v in augment.items() if k != "version")
+                    + "; evaluation the eval transform." if augment["mode"] != "none" else "No train-time augmentation.")
+    transformers_section = (
+        "transformers' `pipeline(\"image-classification\")` converts every image to RGB, so it cannot feed this "
+        "1-channel model: use timm as above (or `AutoModelForImageClassification` with 1-channel `pixel_values` you "
+        "make with that transform)." if prep is not None and prep["input_size"][0] == 1 else
+        f"""With transformers (its timm wrapper; `pip install transformers`):
+
+```python
+from transformers import AutoModelForImageClassification, pipeline
+{register}
+model = AutoModelForImageClassification.from_pretrained("<this repo id>")
+classifier = pipeline("image-classification", model="<this repo id>")
+```"""
+    )
     body = f"""
 # {architecture} merged with hf_netmerge
 
@@ -119,6 +145,8 @@ Gate stage: weights SGD lr {cfg["lr"]} (momentum {cfg["momentum"]}), gates Adam 
 λ from {cfg["lambda_init"]} growing by {cfg["lambda_growth"]}·√λ per epoch to **{_fmt(record["final_lambda"])}**.
 Function gap between the gated big student (eval) and the compressed student before fine-tuning: {gap}.
 
+{inputs} {augmentation}
+
 ## Gate statistics
 
 {_gate_table(record)}
@@ -135,17 +163,9 @@ With timm:
 import timm
 {register}
 model = timm.create_model("hf-hub:<this repo id>", pretrained=True).eval()  # or "local-dir:<this folder>"
-```
+{transform_lines}```
 
-With transformers (its timm wrapper; `pip install transformers`):
-
-```python
-from transformers import AutoModelForImageClassification, pipeline
-{register}
-model = AutoModelForImageClassification.from_pretrained("<this repo id>")
-classifier = pipeline("image-classification", model="<this repo id>")
-```
-
+{transformers_section}
 ## Merge config
 
 ```yaml

@@ -28,10 +28,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _merge_config(args: argparse.Namespace, task: str) -> MergeConfig:
-    """Defaults, then the data's task, then ``--config``, then ``--set key=value`` overrides."""
+    """Defaults, then the data's task, then ``--config``, then ``--augment`` / ``--num-workers``, then ``--set key=value``."""
     values: dict = {"task": task}
     if args.config:
         values.update(MergeConfig.from_yaml(args.config).to_dict())
+    if args.augment is not None:
+        values["augment"] = {**values.get("augment", {}), "mode": args.augment}
+    if args.num_workers is not None:
+        values["num_workers"] = args.num_workers
     return MergeConfig.from_dict(apply_overrides(values, args.set))
 
 
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output-dir", required=True, help="where the student is saved (timm layout + model card)")
     merge.add_argument("--config", help="a MergeConfig YAML file")
     merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one MergeConfig field")
+    merge.add_argument("--augment", choices=["auto", "none"], help="train-time augmentation (default auto; knobs: --set augment.hflip=0)")
+    merge.add_argument("--num-workers", type=int, help="DataLoader worker processes that decode images (default 0)")
     merge.add_argument("--architecture", help="timm architecture of .safetensors teacher files")
     merge.add_argument("--allow-pickle", action="store_true", help="read pickle teachers with torch.load(weights_only=True)")
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the student to this Hub repo in one commit")

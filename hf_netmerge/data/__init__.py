@@ -8,7 +8,7 @@ from .checks import check_dataset, dataset_targets
 from .datasets import HFImageDataset, TensorBatchDataset, as_torch_dataset, collate, is_hf_dataset, split, subset
 from .loaders import Loader, TensorLoader, make_loader
 from .named import NamedData, load_data
-from .offline import SINE_TEST_SIZE, SINE_TRAIN_SIZE, SINE_VAL_SIZE, fashion_mnist, mnist, sine_data, sine_splits
+from .offline import SINE_TEST_SIZE, SINE_TRAIN_SIZE, SINE_VAL_SIZE, fashion_mnist, fashion_mnist_images, mnist, mnist_images, sine_data, sine_splits
 from .transforms import prepare_dataset, training_view
 
 __all__ = [
@@ -27,10 +27,12 @@ __all__ = [
     "collate",
     "dataset_targets",
     "fashion_mnist",
+    "fashion_mnist_images",
     "is_hf_dataset",
     "load_data",
     "make_loader",
     "mnist",
+    "mnist_images",
     "image_transforms",
     "prepare_dataset",
     "sine_data",

