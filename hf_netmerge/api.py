@@ -28,7 +28,7 @@ from .gates import GatedModel, GateRegularizer, GroupStats, add_gates, gates_rem
 from .hub import TeacherInfo, load_teacher, push_folder, save_student
 from .spec import MergeSpec
 from .surgery import select_model, widen_model
-from .training import MeanEnsemble, StageReport, evaluate, make_accelerator, predict, train_stage
+from .training import DistillationLoss, MeanEnsemble, StageReport, evaluate, make_accelerator, predict, train_stage
 from .training.checkpoint import CheckpointDir
 from .validation import check_output_dir, check_teachers
 
@@ -280,7 +280,10 @@ def merge_models(
     gate_stats = gated.statistics()
     del gated, big
     if config.finetune_epochs > 0:
-        stages.append(train(student, stage=config.finetune_stage(), name="finetune", checkpoint=checkpoints("finetune")))
+        distillation = (DistillationLoss(MeanEnsemble(a, b), config.task, config.distill_temperature, config.distill_alpha)
+                        if config.distill_alpha > 0 else None)
+        stages.append(train(student, stage=config.finetune_stage(), name="finetune", distillation=distillation,
+                            checkpoint=checkpoints("finetune")))
     student.eval()
     metrics["student"] = measure(student)
     result = MergeResult(

@@ -217,7 +217,9 @@ class MergeSchedule(TypedConfig):
 
     The gate stage trains weights with SGD (``lr``) and gates with Adam (``gate_lr``, constant, no
     weight decay); λ starts at ``lambda_init`` and grows each epoch by ``lambda_growth·√λ``.
-    Fine-tuning uses ``finetune_lr`` (``lr`` if unset), divided by 10 at ``finetune_milestones``.
+    Fine-tuning uses ``finetune_lr`` (``lr`` if unset), divided by 10 at ``finetune_milestones``; with
+    ``distill_alpha`` > 0 it learns from the teachers' ensemble too (knowledge distillation at
+    ``distill_temperature``, weight ``distill_alpha``): merging gives the initialization, distillation the targets.
     A recipe's ``merge:`` section is a MergeSchedule: what every strategy shares (task, batch size,
     precision, data columns) is set once at the recipe's top level.
     """
@@ -235,9 +237,13 @@ class MergeSchedule(TypedConfig):
     lambda_init: float = 0.01
     lambda_growth: float = 0.05
     max_grad_norm: float | None = None
+    distill_alpha: float = 0.0
+    distill_temperature: float = 4.0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
+        require(0 <= self.distill_alpha <= 1, f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        require(self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}")
         require(self.gate_epochs >= 1, f"gate_epochs must be >= 1, got {self.gate_epochs}")
         require(self.finetune_epochs >= 0, f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         require(self.gate_lr > 0, f"gate_lr must be > 0, got {self.gate_lr}")

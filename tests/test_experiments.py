@@ -108,7 +108,7 @@ def test_a_new_strategy_is_one_registered_class():
     class ContinueTeacherA(Strategy):
         stage: StageConfig
         name: str = "teacher_a_continued"
-        seed_offset = 40
+        seed_offset = 90
 
         @classmethod
         def from_recipe(cls, recipe):
@@ -129,7 +129,7 @@ def test_a_new_strategy_is_one_registered_class():
         assert row["teacher_a_continued"] == row["teacher_a"]  # the teacher was trained further in place: the same network
         with pytest.raises(ValueError, match="already registered"):
             register_strategy("teacher_a_continued")(ContinueTeacherA)
-        with pytest.raises(ValueError, match="seed_offset 40 is already 'teacher_a_continued'"):
+        with pytest.raises(ValueError, match="seed_offset 90 is already 'teacher_a_continued'"):
             register_strategy("another")(ContinueTeacherA)
     finally:
         STRATEGIES.pop("teacher_a_continued")

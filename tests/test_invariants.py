@@ -1,5 +1,6 @@
 """The method's invariants over the one table of architectures (conftest.ARCHITECTURES): core models, declared timm
-families and discovered ones, each with random BatchNorm affine parameters and real running statistics."""
+families and discovered ones, each with random BatchNorm affine parameters and real running statistics. Also the
+invariants of channel permutations, which weight matching (the align-and-average baseline) rests on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from conftest import ARCHITECTURES, arch_ids, input_shape, make_teacher
 
 import hf_netmerge as hm
+from hf_netmerge.adapters import resolve_spec
+from hf_netmerge.matching import match_weights, permute
 
 
 def _assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -59,3 +62,31 @@ def test_compressed_student_equals_masked_big_student_and_loads_strictly(name, k
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), student(x))
     assert type(student) is type(a) and not hasattr(student, "netmerge_spec")
+
+
+def _random_perms(model, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {g.name: torch.randperm(g.size, generator=gen) for g in resolve_spec(model).groups}
+
+
+@pytest.mark.parametrize("name,kwargs", ARCHITECTURES, ids=arch_ids(ARCHITECTURES))
+def test_permuting_channels_group_by_group_keeps_the_function(name, kwargs):
+    model = make_teacher(name, kwargs, 0)
+    permuted = permute(model, _random_perms(model, 1)).eval()
+    x = torch.randn(input_shape(model, 4))
+    with torch.no_grad():
+        _assert_same(permuted(x), model(x))
+        assert not all(torch.equal(p, q) for p, q in zip(permuted.state_dict().values(), model.state_dict().values()))
+
+
+MATCHED = [case for case in ARCHITECTURES if case[0] in {"netmerge_sine_mlp", "netmerge_lenet_bn", "netmerge_mlp_bn", "netmerge_resnet20",
+                                                          "netmerge_vgg11_cifar", "resnet18", "resnetv2_18"}]
+
+
+@pytest.mark.parametrize("name,kwargs", MATCHED, ids=arch_ids(MATCHED))
+def test_weight_matching_recovers_a_planted_permutation(name, kwargs):
+    a = make_teacher(name, kwargs, 0)
+    b = permute(a, _random_perms(a, 2))
+    aligned = permute(b, match_weights(a, b))
+    for (key, va), vb in zip(a.state_dict().items(), aligned.state_dict().values()):
+        assert torch.equal(va, vb), key

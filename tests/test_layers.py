@@ -14,6 +14,7 @@ LAYERS = [
     {"models"},
     {"spec", "adapters"},
     {"surgery"},
+    {"matching"},
     {"gates"},
     {"data"},
     {"training"},

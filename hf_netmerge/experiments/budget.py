@@ -59,6 +59,11 @@ class ModelCost:
         """Training multiply-adds of ``network_epochs`` epochs of single-width and ``big_epochs`` of double-width training."""
         return TRAINING_OVER_FORWARD * self.examples * round(network_epochs * self.network_macs + big_epochs * self.big_macs)
 
+    def inference_macs(self, network_passes: float) -> int:
+        """Multiply-adds of ``network_passes`` forward-only passes of one network over the training set (teachers'
+        targets for distillation, a statistics pass)."""
+        return self.examples * round(network_passes * self.network_macs)
+
     def network_epochs(self, macs: int, networks: int = 1) -> int:
         """Epochs per network that ``macs`` training multiply-adds buy for ``networks`` single-width networks (rounded)."""
         return round(macs / (TRAINING_OVER_FORWARD * self.examples * self.network_macs * networks))

@@ -11,13 +11,19 @@ from torch import nn
 
 from ..config import StageConfig
 from ..data import make_loader, training_view
-from ..training import StageReport, train_stage
+from ..training import DistillationLoss, StageReport, evaluate, train_stage
 from ..training.checkpoint import CheckpointDir, StageCheckpoint
 from .budget import ModelCost
 from .protocol import SeedData, derive_seed
 from .recipe import RecipeConfig
 
 TEACHER_OFFSETS = (0, 1)
+VALIDATION_BATCH_SIZE = 1024
+
+
+def lower_is_better(task: str, metrics: dict[str, float]) -> float:
+    """A validation score to minimize: MSE for regression, minus accuracy for classification."""
+    return metrics["mse"] if task == "regression" else -metrics["accuracy"]
 
 
 @dataclass
@@ -48,13 +54,22 @@ class SeedContext:
         set_seed(seed)
         return timm.create_model(self.recipe.architecture, **self.recipe.model_args)
 
-    def train(self, model: nn.Module, stage: StageConfig, *, seed: int, name: str, checkpoint: StageCheckpoint | None = None) -> StageReport:
+    def train(
+        self,
+        model: nn.Module,
+        stage: StageConfig,
+        *,
+        seed: int,
+        name: str,
+        checkpoint: StageCheckpoint | None = None,
+        distillation: DistillationLoss | None = None,
+    ) -> StageReport:
         """One stage of :func:`~hf_netmerge.training.train_stage` on the training set (through the recipe's train-time
-        augmentation, drawn from ``seed``), shuffled from ``seed``."""
+        augmentation, drawn from ``seed``), shuffled from ``seed``; with ``distillation``, against its teacher too."""
         train = training_view(self.data.train, self.recipe.augment, seed)
         loader = make_loader(train, self.recipe.batch_size, shuffle=True, seed=seed, num_workers=self.recipe.data.num_workers)
         return train_stage(model, loader, stage, task=self.recipe.task, accelerator=self.accelerator, name=name,
-                           checkpoint=checkpoint, progress=self.progress)
+                           distillation=distillation, checkpoint=checkpoint, progress=self.progress)
 
     @property
     def teachers_trained(self) -> bool:
@@ -72,6 +87,17 @@ class SeedContext:
         model = self.create(seed)
         self.train(model, self.recipe.teacher, seed=seed, name=self.label(f"teacher {ab}"), checkpoint=self.checkpoints(f"teacher_{ab}"))
         return model.eval()
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """``model``'s metrics on the validation set (the only data a strategy may choose on)."""
+        loader = make_loader(self.data.val, VALIDATION_BATCH_SIZE, shuffle=False)
+        return evaluate(model, loader, task=self.recipe.task, accelerator=self.accelerator)
+
+    def pick(self, candidates: list[nn.Module]) -> tuple[int, list[float]]:
+        """The index of the best of ``candidates`` on the validation set (the first on ties), and each one's metric."""
+        metrics = [self.validate(model) for model in candidates]
+        best = min(range(len(candidates)), key=lambda i: lower_is_better(self.recipe.task, metrics[i]))
+        return best, [m[self.recipe.metric] for m in metrics]
 
     def cost(self) -> ModelCost:
         """Multiply-adds per example of one network and of the big student, and the training-set size (measured once)."""

@@ -67,12 +67,40 @@ class PruningConfig(TypedConfig):
         require(self.prune_lr > 0, f"prune_lr must be > 0, got {self.prune_lr}")
 
 
-Baseline = Literal["bo3", "one_model", "pruning"]
+@dataclass
+class DistillConfig(TypedConfig):
+    """Knowledge distillation from the teachers' ensemble (the ``distill`` and ``student_distill`` strategies).
+
+    ``temperature`` and ``alpha`` weigh the soft targets; with a ``grid`` of ``[temperature, alpha]`` pairs,
+    one network is trained per pair and the best on the validation set kept (never the test set).
+    ``distill`` trains ``into`` a copy of the better teacher (picked on validation) or a ``fresh`` network.
+    """
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+    grid: list[list[float]] = field(default_factory=list)
+    into: Literal["teacher", "fresh"] = "teacher"
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        for t, a in self.settings():
+            require(t > 0 and 0 <= a <= 1, f"distill: temperature must be > 0 and alpha in [0, 1], got {[t, a]}")
+        require(all(len(pair) == 2 for pair in self.grid), f"distill.grid holds [temperature, alpha] pairs, got {self.grid}")
+
+    def settings(self) -> list[tuple[float, float]]:
+        """The (temperature, alpha) pairs to try: the grid, or the single setting."""
+        return [(float(t), float(a)) for t, a in self.grid] if self.grid else [(self.temperature, self.alpha)]
+
+
+Baseline = Literal["bo3", "one_model", "pruning", "continue", "distill", "weight_matching", "student_distill", "ensemble"]
 
 
 @dataclass
 class RecipeConfig(TypedConfig):
     """A whole experiment: teachers (trained, or given), the merge, and the baselines at the same budget.
+
+    Baselines that start from the two teachers (``continue``, ``distill``, ``weight_matching``) spend the
+    ``extra`` stage after them; ``student`` and ``student_distill`` spend the merge's gate and fine-tune epochs.
 
     What every strategy shares (task, batch size, precision, the data's columns and image size, the
     train-time ``augment``) is set once here; the ``merge:`` section is the method's
@@ -96,6 +124,8 @@ class RecipeConfig(TypedConfig):
     baselines: list[Baseline] = field(default_factory=lambda: ["bo3", "one_model"])
     one_model: StageConfig = field(default_factory=StageConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    extra: StageConfig = field(default_factory=StageConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint_every: int = 1
     log_with: list[str] = field(default_factory=list)
     version: int = CONFIG_VERSION

@@ -86,6 +86,7 @@ def train_stage(
     accelerator: Accelerator,
     name: str,
     regularizer: Regularizer | None = None,
+    distillation: DistillationLoss | None = None,
     checkpoint: StageCheckpoint | None = None,
     progress: bool = True,
 ) -> StageReport:
@@ -93,7 +94,9 @@ def train_stage(
 
     Weights use SGD with momentum under :func:`lr_factor`'s schedule, with gradient accumulation
     (the accelerator's ``gradient_accumulation_steps``) and optional clipping. With a ``regularizer``,
-    its loss is added each step and its parameters (kept fp32) are stepped by the regularizer's own optimizer. With a ``checkpoint``, the stage resumes from its newest complete checkpoint
+    its loss is added each step and its parameters (kept fp32) are stepped by the regularizer's own optimizer.
+    With ``distillation``, the task loss is replaced by its loss against its teacher's outputs on the same batch.
+    With a ``checkpoint``, the stage resumes from its newest complete checkpoint
     and writes one at epoch boundaries. Metrics go to the accelerator's trackers as ``<name>/...``.
     A :class:`TensorLoader` in a single process without accumulation or loss scaling is iterated and
     back-propagated directly (tiny models spend most of a step in per-batch overhead, and
@@ -108,6 +111,8 @@ def train_stage(
     if extra:
         optimizers.append(regularizer.optimizer())
     report = StageReport(stage=name, epochs=stage.epochs, steps=0, seconds=0.0, samples=0)
+    if distillation is not None:
+        distillation.to(accelerator.device)
     start_epoch = _resume(checkpoint, model, optimizers, scheduler, regularizer, loader, report)
     wrapped_optimizers = optimizer_needs_accelerate(accelerator)
     if wrapped_optimizers:
@@ -139,7 +144,8 @@ def train_stage(
         sizes: list[int] = []
         for inputs, targets in train_loader:
             with accelerator.accumulate(train_model):
-                loss = task_loss(task, train_model(inputs), targets)
+                output = train_model(inputs)
+                loss = distillation(output, inputs, targets) if distillation is not None else task_loss(task, output, targets)
                 objective = loss + regularizer.loss()[0] if regularizer is not None else loss
                 if direct:
                     objective.backward()
@@ -298,6 +304,56 @@ def predict(model: nn.Module, loader: Loader, accelerator: Accelerator) -> torch
             outputs.append(accelerator.gather_for_metrics(model(inputs).float()))
     model.train(was_training)
     return torch.cat(outputs).cpu()
+
+
+@torch.no_grad()
+def recalibrate_norms(model: nn.Module, loader: Loader, accelerator: Accelerator) -> None:
+    """Recompute every BatchNorm's running statistics as the plain average over one pass of ``loader`` (train-mode
+    forward, no gradient): what an averaged network needs before it is evaluated (Git Re-Basin's "REPAIR"-free reset)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the pass
+    was_training = model.training
+    model.train()
+    model.to(accelerator.device)
+    for inputs, _ in accelerator.prepare_data_loader(_as_dataloader(loader)):
+        with accelerator.autocast():
+            model(inputs)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+class DistillationLoss(nn.Module):
+    """Knowledge distillation (Hinton et al. 2015) from ``teacher``'s outputs on the same (augmented) batch.
+
+    Classification: ``α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1−α)·cross-entropy``; regression:
+    ``α·MSE(student, teacher) + (1−α)·MSE(student, target)``. The teacher runs in eval mode without gradients (its
+    parameters are left as they are: it may be trained elsewhere).
+    """
+
+    def __init__(self, teacher: nn.Module, task: str, temperature: float = 4.0, alpha: float = 0.9) -> None:
+        super().__init__()
+        self.teacher = teacher.eval()
+        self.task, self.temperature, self.alpha = task, temperature, alpha
+
+    def train(self, mode: bool = True) -> DistillationLoss:
+        """The teacher stays in eval mode."""
+        return self
+
+    def forward(self, output: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher = self.teacher(inputs).float()
+        output = output.float()
+        if self.task == "classification":
+            t = self.temperature
+            soft = F.kl_div(F.log_softmax(output / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="batchmean")
+            return self.alpha * t * t * soft + (1 - self.alpha) * task_loss(self.task, output, targets)
+        return self.alpha * F.mse_loss(output, teacher) + (1 - self.alpha) * task_loss(self.task, output, targets)
 
 
 class MeanEnsemble(nn.Module):

@@ -71,6 +71,12 @@ class StretchableStrategy(Strategy):
         return dataclasses.replace(self, name=f"{self.name}_equal_compute", stage=self.stage.stretched(epochs))
 
 
+def teacher_epochs(recipe: RecipeConfig) -> int:
+    """Epochs a seed spends training its two teachers (none when the recipe gives them): counted in the budget of
+    every strategy that starts from them."""
+    return 0 if recipe.teachers else 2 * recipe.teacher.epochs
+
+
 S = TypeVar("S", bound=type[Strategy])
 STRATEGIES: dict[str, type[Strategy]] = {}
 

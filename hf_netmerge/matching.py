@@ -1,0 +1,68 @@
+"""Weight matching (Git Re-Basin, Ainsworth et al. 2023): permute one network's channels to line up with another's.
+
+Per channel group of the :class:`~hf_netmerge.spec.MergeSpec` (residual streams share one permutation, as
+they share one gate), the permutation of ``b``'s channels that maximizes the summed correlation of the
+weights of every layer touching the group with ``a``'s — producers' rows, norms' affine parameters,
+consumers' columns (flattened blocks included) — is a linear assignment problem. Groups are solved one
+at a time, in a seeded random order, the others held fixed, until no permutation improves. The tensor
+work is :func:`~hf_netmerge.surgery.select_model`'s: with a full permutation per group it returns the
+same network with its channels reordered.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import resolve_spec
+from .spec import ChannelGroup, MergeSpec
+from .surgery import select_model
+
+
+def permute(model: nn.Module, perms: dict[str, torch.Tensor], spec: MergeSpec | None = None) -> nn.Module:
+    """A copy of ``model`` with channel ``perms[g][i]`` of every group ``g`` moved to position ``i`` (same function)."""
+    return select_model(model, spec or resolve_spec(model), perms)
+
+
+def _rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """A layer's parameter as one row per channel of a group of ``size`` channels on its first dimension."""
+    return tensor.detach().float().reshape(size, -1)
+
+
+def _similarity(a: nn.Module, b: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    """``[i, j]``: how well channel ``j`` of ``b`` matches channel ``i`` of ``a``, summed over the group's layers."""
+    n, total = group.size, torch.zeros(group.size, group.size)
+    for name in (*group.producers, *group.norms):
+        for p in ("weight", "bias"):
+            ta, tb = getattr(a.get_submodule(name), p, None), getattr(b.get_submodule(name), p, None)
+            if isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor):
+                total += _rows(ta, n) @ _rows(tb, n).T
+    for consumer in group.consumers:
+        wa, wb = a.get_submodule(consumer.module).weight, b.get_submodule(consumer.module).weight
+        columns = [w.detach().float().reshape(w.shape[0], n, -1).transpose(0, 1) for w in (wa, wb)]  # (n, out, block)
+        total += _rows(columns[0], n) @ _rows(columns[1], n).T
+    return total
+
+
+def match_weights(
+    a: nn.Module, b: nn.Module, spec: MergeSpec | None = None, *, max_iterations: int = 100, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Per group, the permutation of ``b``'s channels that aligns ``b`` with ``a`` (apply it with :func:`permute`)."""
+    from scipy.optimize import linear_sum_assignment
+
+    spec = spec or resolve_spec(a)
+    perms = {g.name: torch.arange(g.size) for g in spec.groups}
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(max_iterations):
+        improved = False
+        for index in torch.randperm(len(spec.groups), generator=order).tolist():
+            group = spec.groups[index]
+            others_aligned = permute(b, {**perms, group.name: torch.arange(group.size)}, spec)
+            similarity = _similarity(a, others_aligned, group)
+            new = torch.as_tensor(linear_sum_assignment(similarity.numpy(), maximize=True)[1])
+            rows = torch.arange(group.size)
+            if similarity[rows, new].sum() > similarity[rows, perms[group.name]].sum() + 1e-9:
+                perms[group.name], improved = new, True
+        if not improved:
+            break
+    return perms
