@@ -66,6 +66,12 @@ def run_seeds(job: Callable[[int], dict[str, Any]], seeds: list[int], work_dir: 
     return [json.loads((cache / f"seed{s}.json").read_text()) for s in seeds]
 
 
+def target_table(rows: list[tuple[str, str, bool]]) -> list[str]:
+    """Markdown rows of ``(target, measured, met)``: a missed target says so in bold."""
+    return ["| target | measured | |", "|---|---|---|",
+            *(f"| {target} | {measured} | {'met' if met else '**missed**'} |" for target, measured, met in rows), ""]
+
+
 def bar_chart(path: Path, panels: list[tuple[str, dict[str, float], float | None]]) -> None:
     """One horizontal bar panel per ``(title, {label: value}, target line or None)``, saved as a PNG."""
     import matplotlib

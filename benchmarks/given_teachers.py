@@ -21,7 +21,7 @@ import functools
 import json
 from pathlib import Path
 
-from _common import RESULTS, command, machine, run_seeds
+from _common import RESULTS, command, machine, run_seeds, target_table
 from hf_netmerge.experiments import Budgets, RecipeConfig, Timer, load_recipe, run_seed, scale_recipe
 from hf_netmerge.experiments.report import stats, summarize
 from hf_netmerge.training.checkpoint import CheckpointDir
@@ -73,11 +73,11 @@ def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig, scale: float
               f"{chosen.count('student_distill')}/{n} seeds, student in {chosen.count('student')}/{n}. The student's CPU seconds include "
               "its teachers' (it ran first); distill and student_distill train one network per (T, α) of the grid "
               f"{recipe.distill.grid or [[recipe.distill.temperature, recipe.distill.alpha]]}.", "",
-              "| target | measured | |", "|---|---|---|",
-              f"| the better merge variant above continue, weight matching and distill (mean) | {summary['merge']['mean']:.4f} vs best "
-              f"{best_alternative:.4f} | {'met' if met else '**missed**'} |",
-              f"| the plain student at most 0.3 points below distill | {summary['student']['mean']:.4f} vs {distill:.4f} | "
-              f"{'met' if near else '**missed**'} |", ""]
+              *target_table([
+                  ("the better merge variant above continue, weight matching and distill (mean)",
+                   f"{summary['merge']['mean']:.4f} vs best {best_alternative:.4f}", met),
+                  ("the plain student at most 0.3 points below distill", f"{summary['student']['mean']:.4f} vs {distill:.4f}", near),
+              ])]
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ import functools
 import json
 from pathlib import Path
 
-from _common import RESULTS, command, machine, run_seeds
+from _common import RESULTS, command, machine, run_seeds, target_table
 
 from hf_netmerge.experiments import Budgets, RecipeConfig, Timer, load_recipe, run_seed
 from hf_netmerge.experiments.report import markdown_table, summarize
@@ -36,9 +36,8 @@ def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig) -> str:
              markdown_table(summary, STRATEGIES, "accuracy")]
     mean = summary["student"]["mean"]
     met = mean > summary["bo3"]["mean"] and mean > summary["one_model"]["mean"]
-    lines += ["| target | measured | |", "|---|---|---|",
-        f"| student mean accuracy above bo3's and one model's | {mean:.4f} vs {summary['bo3']['mean']:.4f} and "
-        f"{summary['one_model']['mean']:.4f} | {'met' if met else '**missed**'} |", ""]
+    lines += target_table([("student mean accuracy above bo3's and one model's",
+                            f"{mean:.4f} vs {summary['bo3']['mean']:.4f} and {summary['one_model']['mean']:.4f}", met)])
     return "\n".join(lines)
 
 

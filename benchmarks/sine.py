@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 
 import torch
-from _common import RESULTS, command, machine, run_seeds
+from _common import RESULTS, command, machine, run_seeds, target_table
 
 from hf_netmerge.experiments import (
     Budgets,
@@ -60,17 +60,17 @@ def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig) -> str:
     lines = [f"# Sine problem, fair protocol ({seeds} seeds, batch {recipe.batch_size}, {machine()['cpu']}, 1 thread per seed)", "",
              f"Command: `{command()}`", "",
              markdown_table(summary, STRATEGIES, "MSE (the noise alone gives 0.04)"),
-             "| target | measured | |", "|---|---|---|",
-             f"| student median test MSE ≤ {TARGET_MEDIAN} | {s['median']:.4f} | {'met' if s['median'] <= TARGET_MEDIAN else '**missed**'} |",
-             f"| student better than bo3 and one model in ≥ 25 of 30 seeds (same share) | "
-             f"{summary['student_wins']['bo3']['wins']} and {summary['student_wins']['one_model']['wins']} of {seeds} | "
-             f"{'met' if wins_ok else '**missed**'} |",
-             f"| CPU seconds per seed of the student pipeline ≤ {TARGET_SECONDS:.0f} | {summary['cpu_seconds']['student']['mean']:.1f} | "
-             f"{'met' if summary['cpu_seconds']['student']['mean'] <= TARGET_SECONDS else '**missed**'} |", ""]
+             *target_table([
+                 (f"student median test MSE ≤ {TARGET_MEDIAN}", f"{s['median']:.4f}", s["median"] <= TARGET_MEDIAN),
+                 ("student better than bo3 and one model in ≥ 25 of 30 seeds (same share)",
+                  f"{summary['student_wins']['bo3']['wins']} and {summary['student_wins']['one_model']['wins']} of {seeds}", wins_ok),
+                 (f"CPU seconds per seed of the student pipeline ≤ {TARGET_SECONDS:.0f}", f"{summary['cpu_seconds']['student']['mean']:.1f}",
+                  summary["cpu_seconds"]["student"]["mean"] <= TARGET_SECONDS),
+             ])]
     return "\n".join(lines)
 
 
-def plots(runs: list[dict], summary: dict, name: str) -> None:
+def plots(runs: list[dict], summary: dict, stem: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +85,7 @@ def plots(runs: list[dict], summary: dict, name: str) -> None:
     ax.set_title(f"Sine problem, {len(runs)} seeds (cf. the paper's Fig. 9)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}_box.png", dpi=120)
+    fig.savefig(RESULTS / f"{stem}_box.png", dpi=120)
     grid = torch.linspace(0, 1, 500)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), sharey=True)
     for ax, name in zip(axes, ["student", "bo3", "one_model"]):
@@ -97,7 +97,7 @@ def plots(runs: list[dict], summary: dict, name: str) -> None:
     axes[0].legend(loc="lower left")
     fig.suptitle(f"Learned curves, {len(runs)} seeds (cf. the paper's Fig. 10)")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}_curves.png", dpi=120)
+    fig.savefig(RESULTS / f"{stem}_curves.png", dpi=120)
 
 
 def main() -> None:
