@@ -44,17 +44,21 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def cache_dir(work_dir: Path, settings: dict[str, Any]) -> Path:
+    """``work_dir/<digest of settings>``: where a benchmark keeps what it may reuse on a rerun with the same settings."""
+    return work_dir / hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_seeds(job: Callable[[int], dict[str, Any]], seeds: list[int], work_dir: Path, workers: int,
               settings: dict[str, Any]) -> list[dict[str, Any]]:
     """``job(seed)`` for every seed not yet cached, in ``workers`` processes of one thread.
 
-    Results are cached one JSON per seed under ``work_dir/<digest of settings>``, so a rerun with the
-    same settings resumes and one with other settings starts afresh.
+    Results are cached one JSON per seed in :func:`cache_dir`, so a rerun with the same settings
+    resumes and one with other settings starts afresh.
     """
-    canonical = json.dumps(settings, sort_keys=True)
-    cache = work_dir / hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    cache = cache_dir(work_dir, settings)
     cache.mkdir(parents=True, exist_ok=True)
-    (cache / "settings.json").write_text(canonical)
+    (cache / "settings.json").write_text(json.dumps(settings, sort_keys=True))
     todo = [s for s in seeds if not (cache / f"seed{s}.json").is_file()]
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_worker_init, initargs=(1,)) as pool:
