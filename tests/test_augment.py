@@ -161,3 +161,19 @@ def test_augment_refuses_bad_values_and_reads_a_mode_alone():
         with pytest.raises(hm.ConfigError):
             AugmentConfig.from_dict(bad)
     assert np.allclose(AugmentConfig().ratio, [0.75, 4 / 3])
+
+
+def test_merge_command_takes_augment_and_workers(tmp_path):
+    from timm.models import save_for_hf
+
+    from hf_netmerge.cli import main
+
+    for i in range(2):
+        save_for_hf(make_teacher("netmerge_lenet", LENET, i), tmp_path / f"t{i}", safe_serialization=True)
+    image_dataset(32, 4, seed=4).save_to_disk(str(tmp_path / "data"))
+    args = ["merge", str(tmp_path / "t0"), str(tmp_path / "t1"), "--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"),
+            "--augment", "none", "--num-workers", "1", "--set", "gate_epochs=1", "--set", "finetune_epochs=0", "--set", "batch_size=16",
+            "--no-progress"]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "out" / "netmerge_config.json").read_text())["merge_config"]
+    assert config["augment"]["mode"] == "none" and config["num_workers"] == 1

@@ -29,6 +29,7 @@ from hf_netmerge.experiments import (
     load_seed_data,
     register_strategy,
     run_seed,
+    scale_recipe,
 )
 from hf_netmerge.gates import Gate, HardConcreteGate
 from hf_netmerge.training import evaluate, make_accelerator, train_stage
@@ -163,3 +164,17 @@ def test_the_card_is_rendered_from_the_saved_record(tmp_path):
     record = json.loads((out / "netmerge_config.json").read_text())
     assert render_card(record) == (out / "README.md").read_text() == merged.model_card()
     assert record["datasets"] == [] and record["merge_config"]["seed"] == 4
+
+
+def test_scaling_a_recipe_scales_every_stage():
+    recipe = load_recipe("resnet20-fashion-mnist-given")
+    scaled = scale_recipe(recipe, 10)
+    assert (scaled.teacher.epochs, scaled.teacher.milestones) == (40, [30])
+    assert (scaled.extra.epochs, scaled.extra.milestones) == (20, [10])
+    assert (scaled.merge.gate_epochs, scaled.merge.finetune_epochs, scaled.merge.lambda_growth) == (10, 10, 0.2)
+
+
+@pytest.mark.parametrize("grid", [[[4, 0.9, 1]], [[0, 0.5]], [[2, 1.5]]])
+def test_a_bad_distillation_grid_is_a_config_error(grid):
+    with pytest.raises(hm.ConfigError, match="distill"):
+        load_recipe("resnet20-fashion-mnist-given", [f"distill.grid={grid}"])

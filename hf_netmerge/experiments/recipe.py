@@ -83,9 +83,9 @@ class DistillConfig(TypedConfig):
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
+        require(all(len(pair) == 2 for pair in self.grid), f"distill.grid holds [temperature, alpha] pairs, got {self.grid}")
         for t, a in self.settings():
             require(t > 0 and 0 <= a <= 1, f"distill: temperature must be > 0 and alpha in [0, 1], got {[t, a]}")
-        require(all(len(pair) == 2 for pair in self.grid), f"distill.grid holds [temperature, alpha] pairs, got {self.grid}")
 
     def settings(self) -> list[tuple[float, float]]:
         """The (temperature, alpha) pairs to try: the grid, or the single setting."""
@@ -214,4 +214,5 @@ def scale_recipe(recipe: RecipeConfig, factor: float) -> RecipeConfig:
                                 finetune_milestones=finetune.milestones, lambda_growth=merge.lambda_growth / factor)
     pruning = dataclasses.replace(recipe.pruning, train=stage(recipe.pruning.train), finetune=stage(recipe.pruning.finetune),
                                   prune_epochs=epochs(recipe.pruning.prune_epochs))
-    return dataclasses.replace(recipe, teacher=stage(recipe.teacher), one_model=stage(recipe.one_model), merge=merge, pruning=pruning)
+    return dataclasses.replace(recipe, teacher=stage(recipe.teacher), one_model=stage(recipe.one_model), extra=stage(recipe.extra),
+                               merge=merge, pruning=pruning)
