@@ -288,7 +288,8 @@ def timm_config(model: nn.Module, label_names: list[str] | None = None, preproce
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CONFIG_NAME
-        save_config_for_hf(model, str(path), model_config={"label_names": label_names} if label_names else None)
+        # A Path: timm 1.0.20-1.0.29 call config_path.open() (a str raises AttributeError there); 1.0.31 takes either.
+        save_config_for_hf(model, path, model_config={"label_names": label_names} if label_names else None)
         config = json.loads(path.read_text())
     config.get("model_args", {}).pop("num_classes", None)
     if not config.get("model_args"):
