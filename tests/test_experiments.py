@@ -178,3 +178,14 @@ def test_scaling_a_recipe_scales_every_stage():
 def test_a_bad_distillation_grid_is_a_config_error(grid):
     with pytest.raises(hm.ConfigError, match="distill"):
         load_recipe("resnet20-fashion-mnist-given", [f"distill.grid={grid}"])
+
+
+def test_the_printer_lists_test_scores_only(capsys):
+    from types import SimpleNamespace
+
+    from hf_netmerge.experiments import Printer
+
+    ctx = SimpleNamespace(seed=2, recipe=SimpleNamespace(metric="accuracy"), accelerator=SimpleNamespace(is_main_process=True))
+    row = {"seed": 2, "student": 0.9, "weight_matching_validation_before_finetune": 0.5, "weight_matching": 0.8}
+    Printer().on_seed_end(ctx, row, {"student": 0.9, "weight_matching": 0.8})
+    assert capsys.readouterr().out == "seed 2: test accuracy student 0.9000, weight matching 0.8000\n"

@@ -102,8 +102,7 @@ class TensorAugment:
         offsets, flips = self._draws(epoch, size)
         batch, channels, height, width = images.shape
         pad = self.pad
-        padded = self.fill.to(images.dtype).view(-1, 1, 1).expand(channels, 1, 1).repeat(batch, 1, height + 2 * pad, width + 2 * pad)
-        padded = padded.view(batch, channels, height + 2 * pad, width + 2 * pad)
+        padded = self.fill.to(images.dtype).reshape(1, -1, 1, 1).expand(batch, channels, height + 2 * pad, width + 2 * pad).clone()
         padded[:, :, pad : pad + height, pad : pad + width] = images
         dy, dx, flip = offsets[index, 0], offsets[index, 1], flips[index]
         rows = dy[:, None] + torch.arange(height)

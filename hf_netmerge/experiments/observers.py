@@ -1,7 +1,8 @@
 """Observers of an experiment: they read what each strategy did and add to the seed's result row, never change training.
 
 Each hook gets the seed's context; ``on_strategy_start`` runs right before a strategy trains and
-``on_strategy_end`` right after (before it is scored), ``on_seed_end`` once the row is complete.
+``on_strategy_end`` right after (before it is scored), ``on_seed_end`` once the row is complete, with the
+seed's test scores apart (the row also holds what strategies record, validation scores among them).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ class Observer:
     def on_strategy_end(self, ctx: SeedContext, strategy: Strategy, trained: Trained, row: dict[str, Any]) -> None:
         """Called right after ``strategy`` trained; may add entries to ``row``."""
 
-    def on_seed_end(self, ctx: SeedContext, row: dict[str, Any]) -> None:
-        """Called once the seed's row holds every test score."""
+    def on_seed_end(self, ctx: SeedContext, row: dict[str, Any], scores: dict[str, float]) -> None:
+        """Called once the seed's row is complete; ``scores``: the test metric of every strategy (and of the teachers)."""
 
 
 class Timer(Observer):
@@ -61,10 +62,10 @@ class Printer(Observer):
             took = f" in {seconds:.1f}s" if seconds is not None else ""
             print(f"seed {ctx.seed}: {strategy.name} done{took}", flush=True)
 
-    def on_seed_end(self, ctx: SeedContext, row: dict[str, Any]) -> None:
+    def on_seed_end(self, ctx: SeedContext, row: dict[str, Any], scores: dict[str, float]) -> None:
         if ctx.accelerator.is_main_process:
-            scores = ", ".join(f"{name.replace('_', ' ')} {row[name]:.4f}" for name in _strategy_names(row))
-            print(f"seed {ctx.seed}: test {ctx.recipe.metric} {scores}", flush=True)
+            listed = ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in scores.items())
+            print(f"seed {ctx.seed}: test {ctx.recipe.metric} {listed}", flush=True)
 
 
 class Curves(Observer):
@@ -92,9 +93,5 @@ class SaveStudents(Observer):
 class TrackTestScores(Observer):
     """Logs every test score to the accelerator's trackers as ``test/<strategy>``, stepped by seed."""
 
-    def on_seed_end(self, ctx: SeedContext, row: dict[str, Any]) -> None:
-        ctx.accelerator.log({f"test/{name}": row[name] for name in _strategy_names(row)}, step=ctx.seed)
-
-
-def _strategy_names(row: dict[str, Any]) -> list[str]:
-    return [k for k, v in row.items() if k != "seed" and isinstance(v, float)]
+    def on_seed_end(self, ctx: SeedContext, row: dict[str, Any], scores: dict[str, float]) -> None:
+        ctx.accelerator.log({f"test/{name}": value for name, value in scores.items()}, step=ctx.seed)

@@ -69,6 +69,7 @@ def run_seed(
         return evaluate(model, test_loader, task=recipe.task, accelerator=accelerator)[recipe.metric]
 
     row: dict[str, Any] = {"seed": seed}
+    scores: dict[str, float] = {}
     trained: dict[str, Trained] = {}
     for strategy in strategies if strategies is not None else strategies_for(recipe):
         for observer in observers:
@@ -76,13 +77,14 @@ def run_seed(
         trained[strategy.name] = result = strategy.train(ctx)
         for observer in observers:
             observer.on_strategy_end(ctx, strategy, result, row)
-        row[strategy.name] = score(result.model)
+        row[strategy.name] = scores[strategy.name] = score(result.model)
         row.update(result.record)
     teachers = ctx.teachers() if ctx.teachers_trained else []
     if teachers:
-        row["teacher_a"], row["teacher_b"], row["ensemble"] = score(teachers[0]), score(teachers[1]), score(MeanEnsemble(*teachers))
+        scores.update(teacher_a=score(teachers[0]), teacher_b=score(teachers[1]), ensemble=score(MeanEnsemble(*teachers)))
+        row.update(scores)
     for observer in observers:
-        observer.on_seed_end(ctx, row)
+        observer.on_seed_end(ctx, row, scores)
     return SeedResult(row, trained, teachers)
 
 
