@@ -261,7 +261,8 @@ def merge_models(
     gated = add_gates(big, config.gate_init_mean, config.gate_init_std)
     regularizer = GateRegularizer(gated, config.lambda_init, config.lambda_growth, config.gate_lr)
     checkpoints = CheckpointDir(run.checkpoint_dir, run.checkpoint_every, writer=accelerator.is_main_process)
-    train = functools.partial(train_stage, loader=train_loader, task=config.task, accelerator=accelerator, progress=run.progress)
+    train = functools.partial(train_stage, loader=train_loader, task=config.task, accelerator=accelerator, compile_mode=config.compile,
+                              channels_last=config.channels_last, progress=run.progress)
     stages = [
         train(
             gated,

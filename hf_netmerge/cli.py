@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from .config import MergeConfig
 from .errors import NetMergeError
 from .overrides import apply_overrides
 from .spec import MergeSpec
+
+if TYPE_CHECKING:
+    from .experiments import RecipeConfig
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -28,7 +32,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _merge_config(args: argparse.Namespace, task: str) -> MergeConfig:
-    """Defaults, then the data's task, then ``--config``, then ``--augment`` / ``--num-workers``, then ``--set key=value``."""
+    """Defaults, then the data's task, then ``--config``, then the flags (``--augment``, ``--num-workers``,
+    ``--compile``, ``--channels-last``), then ``--set key=value``."""
     values: dict = {"task": task}
     if args.config:
         values.update(MergeConfig.from_yaml(args.config).to_dict())
@@ -36,7 +41,18 @@ def _merge_config(args: argparse.Namespace, task: str) -> MergeConfig:
         values["augment"] = {**values.get("augment", {}), "mode": args.augment}
     if args.num_workers is not None:
         values["num_workers"] = args.num_workers
+    values.update(_speed_flags(args))
     return MergeConfig.from_dict(apply_overrides(values, args.set))
+
+
+def _speed_flags(args: argparse.Namespace) -> dict[str, str | bool]:
+    """The config fields that ``--compile`` and ``--channels-last`` set (none when they are absent)."""
+    values: dict[str, str | bool] = {}
+    if args.compile is not None:
+        values["compile"] = args.compile
+    if args.channels_last:
+        values["channels_last"] = True
+    return values
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -65,10 +81,18 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .experiments import load_recipe, run_recipe
+def _recipe(args: argparse.Namespace) -> RecipeConfig:
+    """The recipe ``run`` names, with ``--compile`` / ``--channels-last``, then the ``key=value`` overrides, applied."""
+    from .experiments import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    speed = [f"{key}={str(value).lower()}" for key, value in _speed_flags(args).items()]
+    return load_recipe(args.recipe, [*speed, *args.overrides])
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .experiments import run_recipe
+
+    recipe = _recipe(args)
     run_recipe(recipe, args.output_dir or f"runs/{recipe.name}", overwrite=args.overwrite, progress=not args.no_progress)
     return 0
 
@@ -99,6 +123,12 @@ def format_spec(spec: MergeSpec) -> str:
     return "\n".join(lines)
 
 
+def _add_speed_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="train every stage through torch.compile in this mode (default mode when given alone)")
+    parser.add_argument("--channels-last", action="store_true", help="train conv nets in the channels_last memory format")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-netmerge`` argument parser."""
     parser = argparse.ArgumentParser(prog="hf-netmerge", description="Merge two networks of one architecture into one.")
@@ -127,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one MergeConfig field")
     merge.add_argument("--augment", choices=["auto", "none"], help="train-time augmentation (default auto; knobs: --set augment.hflip=0)")
     merge.add_argument("--num-workers", type=int, help="DataLoader worker processes that decode images (default 0)")
+    _add_speed_flags(merge)
     merge.add_argument("--architecture", help="timm architecture of .safetensors teacher files")
     merge.add_argument("--allow-pickle", action="store_true", help="read pickle teachers with torch.load(weights_only=True)")
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the student to this Hub repo in one commit")
@@ -139,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="a recipe YAML file, or the name of a packaged recipe (sine, resnet20-cifar100, ...)")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. seeds=[0,1] merge.gate_epochs=3")
     run.add_argument("--output-dir", help="where checkpoints and results go (default runs/<recipe name>); rerun to resume")
+    _add_speed_flags(run)
     run.add_argument("--overwrite", action="store_true", help="replace an output directory holding another run")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=_run)

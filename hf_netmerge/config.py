@@ -17,6 +17,7 @@ from .errors import ConfigError
 CONFIG_VERSION = 1
 Task = Literal["classification", "regression"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
+CompileMode = Literal["no", "default", "reduce-overhead", "max-autotune"]
 
 C = TypeVar("C", bound="TypedConfig")
 
@@ -278,6 +279,8 @@ class MergeConfig(MergeSchedule):
     The defaults suit a small CPU run. Images of a ``datasets.Dataset`` go through timm's transforms for
     the teachers at ``image_size`` when set (else the architecture's input size): the training stages
     through the train transform that ``augment`` describes, evaluation through the eval transform.
+    ``compile`` runs every training stage through ``torch.compile`` in that mode (see
+    :func:`~hf_netmerge.training.train_stage`); ``channels_last`` trains conv nets in that memory format.
     """
 
     task: Task = "classification"
@@ -290,6 +293,8 @@ class MergeConfig(MergeSchedule):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 0
     gradient_accumulation_steps: int = 1
+    compile: CompileMode = "no"
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

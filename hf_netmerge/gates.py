@@ -3,7 +3,9 @@
 Gates are injected PEFT-style: each gate site (the activation carrying a group) is wrapped by a
 :class:`GateSite` that multiplies its output by the group's gate; all gates live in
 :class:`GatedModel.gates`, so a gate shared by several sites (a residual stream) has one set of
-parameters and draws one noise sample per forward pass.
+parameters and draws one noise sample per forward pass. A gated ReLU runs as one autograd function that
+keeps only its output for backward, the tensor the next layer keeps anyway (:func:`gated_relu`), so gating
+adds no activation memory.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -32,7 +34,8 @@ _EPS = 1e-6
 class Gate(Protocol):
     """What :class:`GatedModel` needs of a gate on a channel group of ``size`` channels (an ``nn.Module``).
 
-    Calling it gates a ``(batch, size, ...)`` activation; ``scores`` ranks channels for compression (the
+    ``value(batch)`` is this forward pass's fp32 multiplier, ``(batch, size)`` or ``(1, size)``, that
+    :class:`GateSite` applies to a ``(batch, size, ...)`` activation; ``scores`` ranks channels for compression (the
     highest half is kept); ``prob_open`` and ``eval_value`` give P[g>0] and the eval-mode gate per
     channel (for the half loss and the statistics); ``clear_sample`` ends a forward pass, so a gate
     shared by several sites draws one sample per pass. :class:`HardConcreteGate` is the method's gate;
@@ -41,7 +44,7 @@ class Gate(Protocol):
 
     size: int
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+    def value(self, batch: int) -> torch.Tensor: ...
 
     def scores(self) -> torch.Tensor: ...
 
@@ -90,30 +93,84 @@ class HardConcreteGate(nn.Module):
         """Channel importance for compression: ``log_alpha``."""
         return self.log_alpha
 
+    def value(self, batch: int) -> torch.Tensor:
+        """This pass's gate: the ``(batch, size)`` sample in training (drawn once per pass), ``(1, size)`` in eval."""
+        if not self.training:
+            return self.eval_value().unsqueeze(0)
+        if self._sample is None:
+            self._sample = self.sample(batch)
+        return self._sample
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            if self._sample is None:
-                self._sample = self.sample(x.shape[0])
-            g = self._sample
-        else:
-            g = self.eval_value().unsqueeze(0)
-        return x * g.to(x.dtype).view(*g.shape, *([1] * (x.dim() - 2)))
+        """``x`` gated: each example's channels scaled by this pass's gate."""
+        return scale_channels(x, self.value(x.shape[0]))
 
     def extra_repr(self) -> str:
         return f"size={self.size}"
 
 
+def _per_channel(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A ``(batch | 1, channels)`` gate as a view that broadcasts over ``x``'s trailing (spatial) dimensions."""
+    return g.view(*g.shape, *([1] * (x.dim() - 2)))
+
+
+def scale_channels(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``x`` (``(batch, channels, ...)``) times the fp32 gate ``g`` (``(batch | 1, channels)``), in ``x``'s dtype."""
+    return x * _per_channel(g, x).to(x.dtype)
+
+
+class _GatedReLU(torch.autograd.Function):
+    """``relu(x)·g`` keeping only the output ``y`` and ``g`` for backward.
+
+    The plain ``relu`` then multiply keeps ``relu(x)`` (for both ops) besides the ``y`` the next layer keeps: one
+    extra activation per gate site. Both gradients come back from ``y``: ``dx = dy·g·[y > 0]`` and, where
+    ``g > 0``, ``dg = Σ dy·y / g``. Where ``g = 0`` this returns ``dg = 0`` instead of ``Σ dy·relu(x)``; a
+    hard-concrete gate is 0 only where its clamp is saturated, which passes no gradient either way.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x).mul_(g.to(x.dtype))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+        ctx.save_for_backward(output, inputs[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        y, g = ctx.saved_tensors
+        low = g.to(y.dtype)
+        dx = torch.ops.aten.threshold_backward(dy * low, y, 0) if ctx.needs_input_grad[0] else None  # dy·g where y > 0
+        dg = None
+        if ctx.needs_input_grad[1]:
+            dims = [d for d in range(y.dim()) if g.shape[d] == 1 and y.shape[d] != 1]
+            products = dy * y
+            sums = products.sum(dims, keepdim=True, dtype=torch.float32) if dims else products.float()
+            dg = torch.where(low > 0, sums / low.float(), 0)
+        return dx, dg
+
+
+def gated_relu(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``relu(x)`` gated by the fp32 gate ``g`` (``(batch | 1, channels)``) without an extra saved activation."""
+    return _GatedReLU.apply(x, _per_channel(g, x))
+
+
 class GateSite(nn.Module):
-    """Wraps the module whose output carries a channel group and gates that output."""
+    """Wraps the module whose output carries a channel group and gates that output (fused with it when it is a ReLU)."""
 
     def __init__(self, base: nn.Module, gate: nn.Module) -> None:
         super().__init__()
         self.base = base
+        self.fused = type(base) is nn.ReLU
         # Not registered as a submodule: the gate belongs to GatedModel.gates (one copy even when shared).
         object.__setattr__(self, "gate", gate)
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-        return self.gate(self.base(*args, **kwargs))
+        if self.fused:
+            return gated_relu(args[0], self.gate.value(args[0].shape[0]))
+        out = self.base(*args, **kwargs)
+        return scale_channels(out, self.gate.value(out.shape[0]))
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ def permute(model: nn.Module, perms: dict[str, torch.Tensor], spec: MergeSpec | 
 
 
 def _rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
-    """A layer's parameter as one row per channel of a group of ``size`` channels on its first dimension."""
-    return tensor.detach().float().reshape(size, -1)
+    """A layer's parameter as one row per channel of a group of ``size`` channels on its first dimension (on the CPU,
+    where the assignment is solved)."""
+    return tensor.detach().float().cpu().reshape(size, -1)
 
 
 def _similarity(a: nn.Module, b: nn.Module, group: ChannelGroup) -> torch.Tensor:
@@ -39,7 +40,7 @@ def _similarity(a: nn.Module, b: nn.Module, group: ChannelGroup) -> torch.Tensor
                 total += _rows(ta, n) @ _rows(tb, n).T
     for consumer in group.consumers:
         wa, wb = a.get_submodule(consumer.module).weight, b.get_submodule(consumer.module).weight
-        columns = [w.detach().float().reshape(w.shape[0], n, -1).transpose(0, 1) for w in (wa, wb)]  # (n, out, block)
+        columns = [w.detach().float().cpu().reshape(w.shape[0], n, -1).transpose(0, 1) for w in (wa, wb)]  # (n, out, block)
         total += _rows(columns[0], n) @ _rows(columns[1], n).T
     return total
 

@@ -59,7 +59,7 @@ def test_tensor_augment_is_a_padded_crop_and_flip_keyed_by_epoch_and_example():
     images = torch.randn(6, 2, 5, 7)
     augment = TensorAugment(pad=2, hflip=0.5, seed=3, fill=torch.tensor([-1.0, -2.0]))
     out = augment(images, torch.arange(6), epoch=0, size=6)
-    offsets, flips = augment._draws(0, 6)
+    offsets, flips = augment._draws(0, 6, images.device)
     for i in range(6):  # the reference: torchvision's pad, crop and flip of one image
         padded = torch.cat([TF.pad(images[i, c : c + 1], 2, fill=f) for c, f in enumerate((-1.0, -2.0))])
         expected = padded[:, offsets[i, 0] : offsets[i, 0] + 5, offsets[i, 1] : offsets[i, 1] + 7]

@@ -58,7 +58,8 @@ def test_recipe_merge_section_holds_only_the_schedule():
     assert config.seed == 7 and config.task == "regression" and config.batch_size == recipe.batch_size
     assert config.gate_epochs == 150 and config.lambda_growth == 0.05
     assert set(hm.MergeConfig.run_fields()) == {"task", "batch_size", "mixed_precision", "seed", "image_column", "label_column",
-                                                "image_size", "augment", "num_workers", "gradient_accumulation_steps"}
+                                                "image_size", "augment", "num_workers", "gradient_accumulation_steps", "compile",
+                                                "channels_last"}
 
 
 def test_sine_protocol_is_defined_once():
@@ -143,6 +144,28 @@ def test_gates_follow_the_gate_protocol():
     big = hm.concatenate(timm.create_model("netmerge_sine_mlp"), timm.create_model("netmerge_sine_mlp"))
     with pytest.raises(hm.UnsupportedModelError, match="not an nn.Module implementing Gate"):
         hm.add_gates(big, make_gate=lambda size: torch.nn.Identity())
+
+
+@pytest.mark.parametrize("name,kwargs", [("netmerge_lenet_bn", {"num_classes": 4}), ("resnet18", {"num_classes": 5})],
+                         ids=["lenet_bn", "resnet18"])
+def test_taylor_importance_is_the_squared_gate_derivative_per_site(name, kwargs):
+    from hf_netmerge.experiments.strategies import TaylorMask
+    from hf_netmerge.gates import GateSite
+
+    torch.manual_seed(0)
+    wide = hm.add_gates(hm.concatenate(timm.create_model(name, **kwargs), timm.create_model(name, **kwargs)), make_gate=TaylorMask).train()
+    closed = wide.gates[wide.spec.groups[0].name]
+    closed.mask[:3] = 0.0
+    outputs: dict[str, torch.Tensor] = {}
+    for site_name, site in wide.model.named_modules():
+        if isinstance(site, GateSite):
+            site.register_forward_hook(lambda m, i, o, key=site_name: outputs.__setitem__(key, o))
+            site.register_forward_hook(lambda m, i, o: o.retain_grad())
+    wide(torch.randn(6, 3, *getattr(wide.model, "img_size", (32, 32)))).square().sum().backward()
+    for group in wide.spec.groups:
+        expected = sum((outputs[s].grad * outputs[s]).sum([d for d in range(outputs[s].dim()) if d != 1]) ** 2 for s in group.gate_sites)
+        torch.testing.assert_close(wide.gates[group.name].importance, expected, rtol=1e-4, atol=1e-12)
+    assert torch.all(closed.importance[:3] == 0)
 
 
 def test_a_stage_checkpoint_that_does_not_fit_the_model_is_a_checkpoint_mismatch(tmp_path):

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import hf_netmerge as hm
-from hf_netmerge.gates import BETA, GAMMA, ZETA, GatedModel, GateRegularizer, HardConcreteGate, LambdaSchedule
+from hf_netmerge.gates import BETA, GAMMA, ZETA, GatedModel, GateRegularizer, GateSite, HardConcreteGate, LambdaSchedule, gated_relu
 from hf_netmerge.spec import ChannelGroup, Consumer, MergeSpec
 
-from conftest import make_teacher
+from conftest import ARCHITECTURES, arch_ids, input_shape, make_teacher
 
 
 def test_constants_are_louizos():
@@ -136,3 +136,84 @@ def test_shared_gate_uses_one_parameter_set_and_one_sample_per_forward():
     assert torch.equal(seen[0], seen[1])  # one sample shared by both sites
     gated(x)
     assert not torch.equal(seen[0], seen[2])  # a new forward draws a new sample
+
+
+def _gate_with_saturated_channels(size: int, batch: int) -> tuple[HardConcreteGate, torch.Tensor]:
+    """A training gate whose log_alpha spans closed to open, and its sample for ``batch`` (exact 0s and 1s included)."""
+    gate = HardConcreteGate(size).train()
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.linspace(-4, 4, size))
+    sample = gate.value(batch)
+    assert (sample == 0).any() and (sample == 1).any() and ((sample > 0) & (sample < 1)).any()
+    return gate, sample
+
+
+@pytest.mark.parametrize("shape", [(64, 12), (16, 12, 5, 4)], ids=["features", "images"])
+def test_gated_relu_matches_relu_then_multiply_in_value_and_gradients(shape):
+    torch.manual_seed(0)
+    gate, sample = _gate_with_saturated_channels(shape[1], shape[0])
+    x = torch.randn(shape, requires_grad=True)
+    upstream = torch.randn(shape)
+    ours = gated_relu(x, sample)
+    (ours * upstream).sum().backward(retain_graph=True)  # the sample's graph serves the plain multiply too
+    grads = x.grad.clone(), gate.log_alpha.grad.clone()
+    x.grad, gate.log_alpha.grad = None, None
+    plain = torch.relu(x) * sample.view(*sample.shape, *([1] * (len(shape) - 2)))
+    (plain * upstream).sum().backward()
+    assert torch.equal(ours, plain)
+    torch.testing.assert_close(grads[0], x.grad, rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], gate.log_alpha.grad, rtol=1e-5, atol=1e-6)  # exact 0s of the sample included
+
+
+@pytest.mark.parametrize("shape", [(64, 12), (16, 12, 5, 4)], ids=["features", "images"])
+def test_gated_relu_in_bf16_is_as_accurate_as_the_plain_multiply(shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.rand(shape[:2]).clamp_min(0.05).requires_grad_(True)
+    upstream = torch.randn(shape, dtype=torch.bfloat16)
+    view = [*shape[:2], *([1] * (len(shape) - 2))]
+    exact = (upstream.double() * torch.relu(x.detach().double())).sum_to_size(view).view(shape[:2])
+    (gated_relu(x, g) * upstream).sum().backward()
+    ours, g.grad = g.grad.clone(), None
+    (torch.relu(x) * g.to(torch.bfloat16).view(view) * upstream).sum().backward()
+    error = {name: float((grad.detach().double() - exact).norm() / exact.norm()) for name, grad in (("ours", ours), ("plain", g.grad))}
+    assert error["ours"] < 1e-2 and error["ours"] <= 1.5 * error["plain"], error
+
+
+def test_gated_relu_passes_gradcheck_where_the_gate_is_open():
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    x = torch.where(x.abs() < 0.05, 0.5, x).requires_grad_(True)  # away from the ReLU's kink
+    g = torch.rand(3, 4, dtype=torch.float64).clamp_min(0.1).requires_grad_(True)
+    assert torch.autograd.gradcheck(gated_relu, (x, g))
+
+
+def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for backward during ``model(x)``."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("name,kwargs", ARCHITECTURES, ids=arch_ids(ARCHITECTURES))
+def test_gates_keep_no_extra_activation_at_relu_sites(name, kwargs):
+    a, b = make_teacher(name, kwargs, 0), make_teacher(name, kwargs, 1)
+    big = hm.concatenate(a, b).train()
+    x = torch.randn(input_shape(a, 4))
+    plain = _saved_activation_bytes(big, x)
+    gated = hm.add_gates(big).train()
+    outputs: dict[str, int] = {}
+    for site_name, site in gated.model.named_modules():
+        if isinstance(site, GateSite) and type(site.base) is not nn.ReLU:
+            site.register_forward_hook(lambda m, i, o, key=site_name: outputs.__setitem__(key, o.numel() * o.element_size()))
+    # Each gate's fp32 (batch, channels) sample keeps three such tensors (sigmoid output, clamp input, the sample);
+    # a ReLU site adds nothing else, another site may keep its base's output besides the gated one.
+    samples = sum(3 * 4 * x.shape[0] * gate.size for gate in gated.gates.values())
+    assert _saved_activation_bytes(gated, x) - plain <= samples + sum(outputs.values())

@@ -87,25 +87,29 @@ class TensorAugment:
     def __init__(self, pad: int, hflip: float, seed: int, fill: torch.Tensor | float = 0.0) -> None:
         self.pad, self.hflip, self.seed = pad, hflip, seed
         self.fill = torch.as_tensor(fill, dtype=torch.float32)
-        self._table: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # (epoch, size, offsets, flips)
+        self._table: tuple[int, int, torch.device, torch.Tensor, torch.Tensor] | None = None  # (epoch, size, device, offsets, flips)
 
-    def _draws(self, epoch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._table is None or self._table[:2] != (epoch, size):
+    def _draws(self, epoch: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._table is None or self._table[:3] != (epoch, size, device):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             offsets = torch.randint(0, 2 * self.pad + 1, (size, 2), generator=gen)
             flips = torch.rand(size, generator=gen) < self.hflip
-            self._table = (epoch, size, offsets, flips)
-        return self._table[2], self._table[3]
+            self._table = (epoch, size, device, offsets.to(device), flips.to(device))
+        return self._table[3], self._table[4]
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor, epoch: int, size: int) -> torch.Tensor:
-        """``images`` (batch, C, H, W) of dataset positions ``index`` (of ``size``) augmented for ``epoch``."""
-        offsets, flips = self._draws(epoch, size)
+        """``images`` (batch, C, H, W) of dataset positions ``index`` (of ``size``) augmented for ``epoch``, on their device."""
+        device = images.device
+        offsets, flips = self._draws(epoch, size, device)
+        index = index.to(device)
         batch, channels, height, width = images.shape
         pad = self.pad
-        padded = self.fill.to(images.dtype).reshape(1, -1, 1, 1).expand(batch, channels, height + 2 * pad, width + 2 * pad).clone()
+        fill = self.fill.to(device, images.dtype).reshape(1, -1, 1, 1)
+        padded = fill.expand(batch, channels, height + 2 * pad, width + 2 * pad).clone()
         padded[:, :, pad : pad + height, pad : pad + width] = images
         dy, dx, flip = offsets[index, 0], offsets[index, 1], flips[index]
-        rows = dy[:, None] + torch.arange(height)
-        cols = torch.where(flip[:, None], dx[:, None] + torch.arange(width - 1, -1, -1), dx[:, None] + torch.arange(width))
-        return padded[torch.arange(batch)[:, None, None, None], torch.arange(channels)[None, :, None, None],
+        rows = dy[:, None] + torch.arange(height, device=device)
+        ascending, descending = torch.arange(width, device=device), torch.arange(width - 1, -1, -1, device=device)
+        cols = torch.where(flip[:, None], dx[:, None] + descending, dx[:, None] + ascending)
+        return padded[torch.arange(batch, device=device)[:, None, None, None], torch.arange(channels, device=device)[None, :, None, None],
                       rows[:, None, :, None], cols[:, None, None, :]]

@@ -52,7 +52,7 @@ class ModelCost:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             a, b = (timm.create_model(recipe.architecture, **recipe.model_args) for _ in range(2))
-        example = data.train[0][0].unsqueeze(0)
+        example = data.train[0][0].unsqueeze(0).cpu()  # the fresh models are on the CPU, the data may be on a GPU
         return cls(len(data.train), forward_macs(a, example), forward_macs(concatenate(a, b), example))
 
     def training_macs(self, network_epochs: float, big_epochs: float = 0) -> int:

@@ -69,7 +69,8 @@ class SeedContext:
         train = training_view(self.data.train, self.recipe.augment, seed)
         loader = make_loader(train, self.recipe.batch_size, shuffle=True, seed=seed, num_workers=self.recipe.data.num_workers)
         return train_stage(model, loader, stage, task=self.recipe.task, accelerator=self.accelerator, name=name,
-                           distillation=distillation, checkpoint=checkpoint, progress=self.progress)
+                           distillation=distillation, checkpoint=checkpoint, compile_mode=self.recipe.compile,
+                           channels_last=self.recipe.channels_last, progress=self.progress)
 
     @property
     def teachers_trained(self) -> bool:

@@ -14,7 +14,18 @@ from typing import Any, Literal
 
 import yaml
 
-from ..config import CONFIG_VERSION, AugmentConfig, MergeConfig, MergeSchedule, MixedPrecision, StageConfig, Task, TypedConfig, require
+from ..config import (
+    CONFIG_VERSION,
+    AugmentConfig,
+    CompileMode,
+    MergeConfig,
+    MergeSchedule,
+    MixedPrecision,
+    StageConfig,
+    Task,
+    TypedConfig,
+    require,
+)
 from ..errors import ConfigError
 from ..overrides import apply_overrides
 
@@ -102,8 +113,8 @@ class RecipeConfig(TypedConfig):
     Baselines that start from the two teachers (``continue``, ``distill``, ``weight_matching``) spend the
     ``extra`` stage after them; ``student`` and ``student_distill`` spend the merge's gate and fine-tune epochs.
 
-    What every strategy shares (task, batch size, precision, the data's columns and image size, the
-    train-time ``augment``) is set once here; the ``merge:`` section is the method's
+    What every strategy shares (task, batch size, precision, compilation and memory format, the data's columns and
+    image size, the train-time ``augment``) is set once here; the ``merge:`` section is the method's
     :class:`~hf_netmerge.config.MergeSchedule`.
     """
 
@@ -115,6 +126,8 @@ class RecipeConfig(TypedConfig):
     batch_size: int = 64
     mixed_precision: MixedPrecision = "no"
     gradient_accumulation_steps: int = 1
+    compile: CompileMode = "no"
+    channels_last: bool = False
     threads: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -166,6 +179,8 @@ class RecipeConfig(TypedConfig):
             augment=self.augment,
             num_workers=self.data.num_workers,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
+            compile=self.compile,
+            channels_last=self.channels_last,
         )
 
 

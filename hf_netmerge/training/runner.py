@@ -15,11 +15,12 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import is_compiled_module
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import StageConfig
+from ..config import CompileMode, StageConfig
 from ..data import Loader, TensorLoader
 from ..errors import CheckpointMismatchError, NonFiniteLossError
 from .accelerator import optimizer_needs_accelerate
@@ -46,7 +47,8 @@ class Regularizer(Protocol):
 
 @dataclass
 class StageReport:
-    """What one stage did: epochs, optimizer steps, wall time, and per-epoch logs."""
+    """What one stage did: epochs, optimizer steps, wall time (``compile_seconds`` of it spent in the compiled first
+    step), and per-epoch logs."""
 
     stage: str
     epochs: int
@@ -54,6 +56,7 @@ class StageReport:
     seconds: float
     samples: int
     history: list[dict[str, float]] = field(default_factory=list)
+    compile_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +91,8 @@ def train_stage(
     regularizer: Regularizer | None = None,
     distillation: DistillationLoss | None = None,
     checkpoint: StageCheckpoint | None = None,
+    compile_mode: CompileMode = "no",
+    channels_last: bool = False,
     progress: bool = True,
 ) -> StageReport:
     """Train ``model`` in place for ``stage.epochs`` epochs; returns the stage's report.
@@ -98,10 +103,17 @@ def train_stage(
     With ``distillation``, the task loss is replaced by its loss against its teacher's outputs on the same batch.
     With a ``checkpoint``, the stage resumes from its newest complete checkpoint
     and writes one at epoch boundaries. Metrics go to the accelerator's trackers as ``<name>/...``.
+    With ``compile_mode`` other than ``"no"`` the model trains through ``torch.compile`` in that mode with static
+    shapes: each epoch's last incomplete batch is skipped (as timm's ``train.py`` drops it) so one graph serves
+    the stage, and the first step's time, compilation included, is reported as ``compile_seconds`` and left out
+    of the epoch's ``samples_per_second``. ``channels_last`` trains in that memory format (4-D inputs and
+    weights); the model is handed back in the default format.
     A :class:`TensorLoader` in a single process without accumulation or loss scaling is iterated and
     back-propagated directly (tiny models spend most of a step in per-batch overhead, and
     ``accelerator.backward`` adds a division); elsewhere Accelerate shards its DataLoader.
     """
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     extra = regularizer.parameters() if regularizer is not None else []
     extra_ids = {id(p) for p in extra}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in extra_ids]
@@ -127,6 +139,10 @@ def train_stage(
         train_model, train_loader = accelerator.prepare(model), loader.to(accelerator.device)
     else:
         train_model, train_loader = accelerator.prepare(model, _as_dataloader(loader))
+    compiling = compile_mode != "no"
+    if compiling and not is_compiled_module(train_model):
+        train_model = torch.compile(train_model, mode=compile_mode, dynamic=False)
+    full_batch: int | None = None
     bar = tqdm(
         range(start_epoch, stage.epochs),
         desc=name,
@@ -142,7 +158,14 @@ def train_stage(
         _set_epoch(loader, epoch)
         losses: list[torch.Tensor] = []  # no host sync per step: read once at the end of the epoch
         sizes: list[int] = []
+        warmup_seconds, warmup_samples = 0.0, 0
         for inputs, targets in train_loader:
+            if compiling and full_batch is not None and len(targets) != full_batch:
+                continue
+            if channels_last and inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            first = compiling and full_batch is None
+            step_start = time.perf_counter()
             with accelerator.accumulate(train_model):
                 output = train_model(inputs)
                 loss = distillation(output, inputs, targets) if distillation is not None else task_loss(task, output, targets)
@@ -160,6 +183,11 @@ def train_stage(
                     report.steps += 1
             losses.append(loss.detach())
             sizes.append(len(targets))
+            if first:
+                _synchronize(accelerator.device)
+                full_batch, warmup_samples = len(targets), len(targets)
+                warmup_seconds = time.perf_counter() - step_start
+                report.compile_seconds += warmup_seconds
         seen = sum(sizes)
         total, first_bad = _epoch_loss(losses, sizes, accelerator.device)
         count = accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum")
@@ -175,7 +203,7 @@ def train_stage(
             "epoch": epoch + 1,
             "loss": epoch_loss,
             "lr": optimizer.param_groups[0]["lr"],
-            "samples_per_second": seen * accelerator.num_processes / (time.perf_counter() - epoch_start),
+            "samples_per_second": _rate(seen, warmup_samples, time.perf_counter() - epoch_start, warmup_seconds) * accelerator.num_processes,
         }
         scheduler.step()
         if regularizer is not None:
@@ -191,7 +219,22 @@ def train_stage(
     report.seconds += time.perf_counter() - start
     accelerator.unwrap_model(train_model, keep_fp32_wrapper=False)
     accelerator.free_memory()
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
     return report
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (so a host clock measures it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(samples: int, warmup_samples: int, seconds: float, warmup_seconds: float) -> float:
+    """Samples per second, leaving out a compiled first step unless it was all the epoch did."""
+    if samples > warmup_samples:
+        return (samples - warmup_samples) / (seconds - warmup_seconds)
+    return samples / seconds
 
 
 def _set_epoch(loader: Loader, epoch: int) -> None:
@@ -262,6 +305,7 @@ def _resume(
         loader.generator.set_state(state["loader_generator"])
     saved = state["report"]
     report.steps, report.samples, report.seconds, report.history = saved["steps"], saved["samples"], saved["seconds"], saved["history"]
+    report.compile_seconds = saved.get("compile_seconds", 0.0)  # absent from checkpoints written before it existed
     return int(state["epochs_done"])
 
 

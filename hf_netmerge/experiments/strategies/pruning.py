@@ -25,8 +25,8 @@ from .base import Strategy, Trained, register_strategy
 class TaylorMask(nn.Module):
     """A fixed 0/1 channel mask that measures first-order Taylor importance (Molchanov et al. 2019).
 
-    Each backward adds, per channel, ``(Σ_batch,space activation·gradient)²``, the squared derivative
-    of the loss w.r.t. a multiplicative gate at 1. :meth:`prune` closes the least important open channels.
+    Each backward adds, per channel and gate site, ``(Σ_batch,space activation·gradient)²``, the squared
+    derivative of the loss w.r.t. a multiplicative gate at 1. :meth:`prune` closes the least important open channels.
     """
 
     def __init__(self, size: int) -> None:
@@ -50,17 +50,19 @@ class TaylorMask(nn.Module):
         """Open channels first (then by importance): compression keeps exactly the open ones when half are open."""
         return self.mask * (1.0 + self.importance.max()) + self.importance
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x * self.mask.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
-        if self.training and out.requires_grad:
-            dims = [d for d in range(out.dim()) if d != 1]
-            saved = out.detach()
+    def value(self, batch: int) -> torch.Tensor:
+        """The ``(1, size)`` mask; in training, a fresh leaf whose gradient (the loss's derivative w.r.t. a gate at 1,
+        summed over the batch and space) is squared into ``importance`` for the open channels."""
+        mask = self.mask.unsqueeze(0)
+        if not (self.training and torch.is_grad_enabled()):
+            return mask
+        probe = mask.clone().requires_grad_(True)
 
-            def accumulate(grad: torch.Tensor) -> None:
-                self.importance.add_((grad.float() * saved.float()).sum(dims) ** 2)
+        def accumulate(grad: torch.Tensor) -> None:
+            self.importance.add_((grad[0].float() * self.mask) ** 2)
 
-            out.register_hook(accumulate)
-        return out
+        probe.register_hook(accumulate)
+        return probe
 
     def prune(self, count: int) -> None:
         """Close the ``count`` open channels of lowest importance (ties by index) and reset the importance."""
