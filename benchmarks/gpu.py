@@ -1,146 +1,397 @@
-"""GPU: ResNet20 (CIFAR-style 32×32 input) or VGG11 merged in bf16 at a reduced budget, with throughput against a plain loop.
+"""GPU: ImageNet-shaped training throughput and memory of the runner and the gate stage, eager and compiled, and a
+merge experiment on Fashion-MNIST.
 
-    .venv/bin/python benchmarks/gpu.py [--recipe recipes/resnet20-cifar100.yaml] [--epochs-scale 0.05]
-                                       [--dataset synthetic|cifar100|PATH] [--seeds 1]
+    .venv/bin/python benchmarks/gpu.py [--models resnet50 resnet18 vgg16_bn] [--compiled resnet18 resnet50]
+                                       [--batch 128] [--image-size 224] [--steps 30] [--accuracy-seeds 1]
+                                       [--only CELL ...] [--deadline 420] [--cells results/gpu_cells.jsonl]
+    .venv/bin/python benchmarks/gpu.py --render --cells results/gpu_cells.jsonl [MORE.jsonl ...]
 
-The recipe's epochs are scaled by ``--epochs-scale`` (at least one per stage, the learning-rate drops in
-proportion). ``--dataset synthetic`` (the default, as the GPU machines have no network) makes CIFAR-shaped
-class-prototype images, so its accuracies only show that training works; ``cifar100``/``cifar10`` or a
-local ``save_to_disk`` directory give real ones. Throughput: samples/s of the stage runner and of a plain
-bf16 loop on the same teacher model, data (in GPU memory) and batch, and of the gate stage. Writes
-``gpu.json``, ``gpu.md`` and ``gpu.png`` into ``benchmarks/results/`` with the GPU's name. Refuses to run without a
-GPU unless ``--allow-cpu`` (used to check the script on small settings).
+Throughput (one process, bf16 autocast, synthetic images already in GPU memory, so the numbers are the training
+step's): per model, a textbook loop (shuffle on the GPU, slice, forward, backward, SGD) on a teacher and on the
+big student (the two teachers concatenated), the runner (:func:`hf_netmerge.training.train_stage`) on a teacher,
+and the gate stage (the runner on the gated big student with the half loss and the gates' optimizer), with the
+fused gated ReLU and, for reference, with a plain multiply at every gate site (``unfused``, what the gate stage
+did before). Each rate is the last of ``--epochs`` epochs of ``--steps`` batches; memory is the peak allocated
+during training, the dataset left out. ``--compiled`` models get the same cells through ``torch.compile``
+(default mode) with the compile time apart.
+
+Accuracy: the packaged ``resnet20-fashion-mnist-given`` recipe on all 60 000 Fashion-MNIST training images
+(``HF_NETMERGE_FASHION_MNIST_DIR`` points at the IDX files where Debian's package is not installed), data in GPU
+memory, for ``--accuracy-seeds`` seeds.
+
+Every measurement is appended to ``--cells`` as it finishes (a run cut short keeps what it measured); cells
+that would start after ``--deadline`` seconds are skipped and listed; ``--only`` keeps the throughput cells of
+those names (``"gate stage"``, ``"plain big student"``, ...). ``--render`` only rebuilds ``gpu.md``, ``gpu.json``
+and ``gpu.png`` in ``benchmarks/results/`` from cells files, a later file's cell replacing an earlier one's
+(each table row's ratios then still come from one run when the later run measured both of its cells).
+``--allow-cpu`` checks the script on small settings without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import gc
 import json
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
-from _common import RESULTS, bar_chart, command, machine
+from _common import RESULTS, bar_chart, command, machine, target_table
 
 import hf_netmerge as hm
 from hf_netmerge.config import StageConfig
-from hf_netmerge.data import TensorBatchDataset, load_data, make_loader, prepare_dataset, split
-from hf_netmerge.experiments import Budgets, RecipeConfig, SeedData, Timer, load_recipe, run_seed, scale_recipe
-from hf_netmerge.experiments.report import stats
-from hf_netmerge.gates import GateRegularizer
+from hf_netmerge.data import TensorBatchDataset, make_loader
+from hf_netmerge.experiments import Budgets, SeedData, Timer, load_recipe, load_seed_data, run_seed
+from hf_netmerge.gates import GateRegularizer, GateSite, gated_relu
 from hf_netmerge.training import make_accelerator, train_stage
 
-
-def synthetic(num_classes: int, size: int, seed: int, device: torch.device) -> TensorBatchDataset:
-    """CIFAR-shaped images: a smooth random prototype per class plus noise."""
-    gen = torch.Generator().manual_seed(1234)
-    prototypes = F.interpolate(torch.randn(num_classes, 3, 8, 8, generator=gen), size=32, mode="bilinear")
-    gen.manual_seed(seed)
-    labels = torch.randint(0, num_classes, (size,), generator=gen)
-    images = prototypes[labels] + 1.5 * torch.randn(size, 3, 32, 32, generator=gen)
-    return TensorBatchDataset(images.to(device), labels.to(device))
+GIB = 2**30
+STRATEGIES = ["student", "continue", "distill", "weight_matching", "student_distill", "ensemble", "teacher_a", "teacher_b"]
 
 
-def real(name: str, recipe: RecipeConfig, device: torch.device) -> tuple[TensorBatchDataset, TensorBatchDataset]:
-    """A named or local image dataset through the model's timm transform, decoded once into device memory."""
-    loaded = load_data(name)
-    probe = timm.create_model(recipe.architecture, **recipe.model_args)
-    sets = []
-    for part in (loaded.train, loaded.eval):
-        ds = prepare_dataset(part, model=probe, task="classification", num_classes=probe.num_classes, image_size=32)
-        batches = list(make_loader(ds, 1024, shuffle=False))
-        sets.append(TensorBatchDataset(torch.cat([x for x, _ in batches]).to(device), torch.cat([y for _, y in batches]).to(device)))
-    return sets[0], sets[1]
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """What every throughput cell shares."""
+
+    batch: int
+    image_size: int
+    steps: int
+    epochs: int
+    device: torch.device
+
+    @functools.cache  # noqa: B019 (one Bench per run: every cell trains on the same images)
+    def images(self, num_classes: int) -> TensorBatchDataset:
+        """``steps`` batches of random images and labels in device memory (throughput only: nothing to learn)."""
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        n = self.steps * self.batch
+        inputs = torch.randn(n, 3, self.image_size, self.image_size, device=self.device, generator=gen)
+        return TensorBatchDataset(inputs, torch.randint(0, num_classes, (n,), device=self.device, generator=gen))
 
 
-def plain_loop(model: torch.nn.Module, data: TensorBatchDataset, epochs: int, batch: int, lr: float, bf16: bool) -> float:
-    """Samples/s of a textbook loop: shuffle, slice, forward (under bf16 autocast when ``bf16``), backward, SGD."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    device = data.inputs.device
-    torch.cuda.synchronize() if device.type == "cuda" else None
-    start = time.perf_counter()
-    for _ in range(epochs):
-        order = torch.randperm(len(data), device=device)
-        for i in range(0, len(data), batch):
-            index = order[i : i + batch]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(model(data.inputs[index]).float(), data.targets[index])
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _memory_start(device: torch.device) -> int:
+    """The allocated bytes a cell starts from, after freeing what earlier cells left (models the runner prepared sit
+    in reference cycles through Accelerate's forward wrapper: only the cycle collector frees them)."""
+    if device.type != "cuda":
+        return 0
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _memory_peak(device: torch.device, start: int) -> float:
+    return (torch.cuda.max_memory_allocated(device) - start) / GIB if device.type == "cuda" else 0.0
+
+
+def plain_loop(make: Callable[[], torch.nn.Module], data: TensorBatchDataset, bench: Bench, compiled: bool) -> dict[str, float]:
+    """Samples/s of a textbook bf16 loop over ``data`` (its last epoch), peak memory, and the first step's time."""
+    start_memory = _memory_start(bench.device)
+    model = make().to(bench.device).train()
+    step_model = torch.compile(model) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    first_step, rate = 0.0, 0.0
+    for epoch in range(bench.epochs):
+        _sync(bench.device)
+        start = time.perf_counter()
+        order = torch.randperm(len(data), device=bench.device)
+        for i in range(0, len(data), bench.batch):
+            index = order[i : i + bench.batch]
+            with torch.autocast(bench.device.type, dtype=torch.bfloat16):
+                loss = F.cross_entropy(step_model(data.inputs[index]).float(), data.targets[index])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    torch.cuda.synchronize() if device.type == "cuda" else None
-    return epochs * len(data) / (time.perf_counter() - start)
+            if epoch == 0 and i == 0:
+                _sync(bench.device)
+                first_step = time.perf_counter() - start
+        _sync(bench.device)
+        rate = len(data) / (time.perf_counter() - start)
+    return {"samples_per_s": rate, "memory_gib": _memory_peak(bench.device, start_memory), "first_step_s": first_step}
 
 
-def throughput_stage(recipe: RecipeConfig, epochs: int) -> StageConfig:
-    """The teacher stage at a constant learning rate for ``epochs`` epochs: what the throughput runs train."""
-    return dataclasses.replace(recipe.teacher, epochs=epochs, milestones=[], warmup_epochs=0)
+def runner(make: Callable[[], torch.nn.Module], data: TensorBatchDataset, bench: Bench, compiled: bool, gated: bool = False,
+           fused: bool = True, channels_last: bool = False) -> dict[str, float]:
+    """Samples/s of :func:`train_stage` (its last epoch), peak memory and compile time; ``gated``: the gate stage."""
+    start_memory = _memory_start(bench.device)
+    model = make()
+    regularizer = None
+    if gated:
+        model = hm.add_gates(model)
+        for site in model.modules():
+            if isinstance(site, GateSite):
+                site.fused = site.fused and fused
+        regularizer = GateRegularizer(model, 0.01, 0.05)
+    report = train_stage(model, make_loader(data, bench.batch, shuffle=True), StageConfig(epochs=bench.epochs, lr=0.01),
+                         task="classification", accelerator=make_accelerator("bf16"), name="bench", regularizer=regularizer,
+                         compile_mode="default" if compiled else "no", channels_last=channels_last, progress=False)
+    return {"samples_per_s": report.history[-1]["samples_per_second"], "memory_gib": _memory_peak(bench.device, start_memory),
+            "compile_s": report.compile_seconds}
+
+
+def throughput_cells(name: str, bench: Bench, compiled: bool) -> list[tuple[str, Callable[[], dict[str, float]]]]:
+    """The (cell name, measurement) pairs of one model, eager or compiled."""
+    kwargs = {"num_classes": 1000}
+
+    def teacher() -> torch.nn.Module:
+        return timm.create_model(name, **kwargs)
+
+    def big() -> torch.nn.Module:
+        return hm.concatenate(teacher(), teacher())
+
+    def data() -> TensorBatchDataset:
+        return bench.images(kwargs["num_classes"])
+
+    mode = "compiled" if compiled else "eager"
+    cells = [
+        (f"{name}/{mode}/plain teacher", lambda: plain_loop(teacher, data(), bench, compiled)),
+        (f"{name}/{mode}/runner teacher", lambda: runner(teacher, data(), bench, compiled)),
+        (f"{name}/{mode}/plain big student", lambda: plain_loop(big, data(), bench, compiled)),
+        (f"{name}/{mode}/gate stage", lambda: runner(big, data(), bench, compiled, gated=True)),
+    ]
+    if not compiled:
+        cells += [
+            (f"{name}/{mode}/gate stage unfused", lambda: runner(big, data(), bench, compiled, gated=True, fused=False)),
+            (f"{name}/{mode}/runner teacher channels_last", lambda: runner(teacher, data(), bench, compiled, channels_last=True)),
+            (f"{name}/{mode}/gate stage channels_last", lambda: runner(big, data(), bench, compiled, gated=True, channels_last=True)),
+        ]
+    return cells
+
+
+def accuracy(seeds: int, device: torch.device, max_train: int | None) -> dict[str, Any]:
+    """Test accuracies of every strategy of the Fashion-MNIST recipe, data in device memory."""
+    recipe = load_recipe("resnet20-fashion-mnist-given", [f"seeds={list(range(seeds))}", f"data.max_train_samples={max_train or 'null'}",
+                                                          "mixed_precision=bf16"])
+    rows = []
+    for seed in recipe.seeds:
+        cpu = load_seed_data(recipe, seed)
+        data = SeedData(*(TensorBatchDataset(d.inputs.to(device), d.targets.to(device)) for d in (cpu.train, cpu.val, cpu.test)),
+                        name=cpu.name)
+        row = run_seed(recipe, seed, data=data, accelerator=make_accelerator("bf16"), observers=[Timer(), Budgets()], progress=False).row
+        rows.append({k: v for k, v in row.items() if k != "curves"})
+    return {"recipe": recipe.to_dict(), "runs": rows}
+
+
+def gate_check(device: torch.device) -> dict[str, float]:
+    """The fused gated ReLU against ReLU-then-multiply on ``device``: largest output and gradient differences (fp32, bf16)."""
+    out: dict[str, float] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        gen = torch.Generator(device=device).manual_seed(0)
+        gate = hm.HardConcreteGate(64).to(device).train()
+        with torch.no_grad():
+            gate.log_alpha.copy_(torch.linspace(-4, 4, 64, device=device))
+        sample = gate.value(32)
+        x = torch.randn(32, 64, 14, 14, device=device, dtype=dtype, generator=gen).requires_grad_(True)
+        upstream = torch.randn(32, 64, 14, 14, device=device, dtype=dtype, generator=gen)
+        results = []
+        for fn in (gated_relu, lambda x, g: torch.relu(x) * g.to(x.dtype)[:, :, None, None]):
+            x.grad = gate.log_alpha.grad = None
+            y = fn(x, sample)
+            (y.float() * upstream.float()).sum().backward(retain_graph=True)
+            results.append((y.detach().float(), x.grad.float(), gate.log_alpha.grad.clone()))
+        name = str(dtype).removeprefix("torch.")
+        for what, (ours, plain) in zip(("output", "grad_x", "grad_log_alpha"), zip(*results)):
+            out[f"{name}_{what}_max_relative"] = float((ours - plain).abs().max() / plain.abs().max())
+    return out
+
+
+def append(cells_path: Path, record: dict[str, Any]) -> None:
+    with cells_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    shown = {k: v for k, v in record.items() if k not in ("recipe", "runs", "machine")}
+    print(json.dumps(shown), flush=True)
+
+
+def _rate(row: dict[str, dict[str, float]], key: str, reference: str | None = None) -> str:
+    """``row[key]``'s samples/s, with its ratio to ``row[reference]``'s when both were measured."""
+    if key not in row:
+        return "-"
+    value = row[key]["samples_per_s"]
+    return f"{value:.0f}" + (f" ({value / row[reference]['samples_per_s']:.2f}×)" if reference in row else "")
+
+
+def _throughput_lines(cells: dict[str, dict[str, Any]], models: list[str]) -> tuple[list[str], list[tuple[str, str, bool]]]:
+    """The throughput table's rows (one per model and mode) and the issue's resnet50 targets."""
+    lines, targets = [], []
+    for model in models:
+        for mode in ("eager", "compiled"):
+            row = {k.split("/")[2]: v for k, v in cells.items() if k.startswith(f"{model}/{mode}/")}
+            if not row:
+                continue
+            memory = " / ".join(f"{row[k]['memory_gib']:.1f}" if k in row else "-"
+                                for k in ("plain teacher", "plain big student", "gate stage", "gate stage unfused"))
+            compile_s = " / ".join(f"{row[k]['compile_s']:.0f}" if k in row else "-" for k in ("runner teacher", "gate stage"))
+            lines.append(f"| {model} | {mode} | {_rate(row, 'plain teacher')} | {_rate(row, 'runner teacher', 'plain teacher')} "
+                         f"| {_rate(row, 'plain big student')} | {_rate(row, 'gate stage', 'plain big student')} "
+                         f"| {_rate(row, 'gate stage unfused', 'plain big student')} | {memory} | "
+                         f"{compile_s if mode == 'compiled' else '-'} |")
+            if model == "resnet50" and mode == "eager" and {"plain teacher", "runner teacher", "plain big student", "gate stage"} <= set(row):
+                big, gate = row["plain big student"], row["gate stage"]
+                runner_ratio = row["runner teacher"]["samples_per_s"] / row["plain teacher"]["samples_per_s"]
+                memory_ratio = gate["memory_gib"] / big["memory_gib"]
+                speed_ratio = gate["samples_per_s"] / big["samples_per_s"]
+                targets = [("resnet50 gate-stage memory ≤ 1.15× plain big student", f"{memory_ratio:.2f}×", memory_ratio <= 1.15),
+                           ("resnet50 gate-stage throughput ≥ 0.90× plain big student", f"{speed_ratio:.2f}×", speed_ratio >= 0.90),
+                           ("resnet50 runner ≥ 0.95× plain loop", f"{runner_ratio:.2f}×", runner_ratio >= 0.95)]
+    return lines, targets
+
+
+def _layout_line(cells: dict[str, dict[str, Any]]) -> list[str]:
+    """channels_last cells against the same cell in the default format."""
+    layouts = []
+    for key, value in cells.items():
+        default = cells.get(key.removesuffix(" channels_last")) if key.endswith(" channels_last") else None
+        if default is not None:
+            layouts.append(f"{key.split('/')[0]} {key.split('/')[2].removesuffix(' channels_last')} {value['samples_per_s']:.0f} "
+                           f"({value['samples_per_s'] / default['samples_per_s']:.2f}× the default format)")
+    return ["", "channels_last, eager (samples/s): " + "; ".join(layouts) + "."] if layouts else []
+
+
+def _accuracy_lines(acc: dict[str, Any], gpu: str) -> tuple[list[str], dict[str, list[float]]]:
+    """The Fashion-MNIST table (accuracy per seed, each strategy's epochs and training multiply-adds) and its values."""
+    runs, recipe = acc["runs"], acc["recipe"]
+    summary = {s: [r[s] for r in runs] for s in STRATEGIES if s in runs[0]}
+    budgets = runs[0]
+    lines = ["", f"## {recipe['architecture']} on all of Fashion-MNIST ({len(runs)} seed(s), {gpu})", "",
+             (f"Recipe `{recipe['name']}` with `data.max_train_samples={recipe['data']['max_train_samples']}`: teachers "
+             f"{recipe['teacher']['epochs']} epochs; continue / distill / weight matching {recipe['extra']['epochs']} more "
+             f"epochs; the student {recipe['merge']['gate_epochs']} gate + {recipe['merge']['finetune_epochs']} fine-tune "
+             f"epochs. Test accuracy (10 000 images), with each strategy's budget (epochs counted from scratch, teachers "
+             f"included; training multiply-adds):"), "",
+             "| strategy | " + " | ".join(f"seed {r['seed']}" for r in runs) + " | epochs | training MACs |",
+             "|---|" + "---|" * (len(runs) + 2)]
+    for name, values in summary.items():
+        budget = f"{budgets['epochs'][name]} | {budgets['macs'][name]:.2e}" if name in budgets["macs"] else "- | -"
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {budget} |")
+    return lines, summary
+
+
+def render(cells_paths: list[Path]) -> None:
+    """``gpu.md``, ``gpu.json`` and ``gpu.png`` from cells files (a later file's cells replace an earlier one's)."""
+    records = [json.loads(line) for path in cells_paths for line in path.read_text().splitlines() if line.strip()]
+    headers = [r for r in records if r["kind"] == "header"]
+    header = headers[0]
+    settings = ("batch", "image_size", "steps", "epochs")
+    if any(tuple(h[k] for k in settings) != tuple(header[k] for k in settings) for h in headers):
+        raise SystemExit(f"the cells files were measured with different {settings}")
+    cells = {r["cell"]: r for r in records if r["kind"] == "cell"}
+    skipped = [r["cell"] for r in records if r["kind"] == "skipped" and r["cell"] not in cells]
+    failed = {r["cell"]: r["error"] for r in records if r["kind"] == "failed"}
+    acc = next((r for r in records if r["kind"] == "accuracy"), None)
+    check = next((r for r in reversed(records) if r["kind"] == "gate_check"), None)
+    gpu = header["machine"]["gpu"] or "no GPU (CPU check)"
+    commands = [f"`{h['command']}` ({h['machine']['gpu'] or 'CPU'})" for h in headers]
+    joined = ("s, the later's cells replacing the earlier's: " if len(commands) > 1 else ": ") + "; ".join(commands)
+    rows, targets = _throughput_lines(cells, list(dict.fromkeys(m for h in headers for m in h["models"])))
+    lines = [f"# Training throughput and memory ({gpu})", "", f"Command{joined}", "",
+             (f"torch {header['machine']['torch']}, timm {header['machine']['timm']}; bf16 autocast, batch {header['batch']}, "
+             f"{header['image_size']} px, synthetic images in GPU memory, {header['steps']} steps per epoch, the last of "
+             f"{header['epochs']} epochs timed; memory: peak allocated while training, the data left out."), "",
+             ("| model | mode | plain teacher | runner teacher | plain big student | gate stage | gate stage unfused (before) "
+              "| memory teacher / big / gate / unfused (GiB) | compile s (runner teacher / gate) |"),
+             "|---|---|---|---|---|---|---|---|---|", *rows, *_layout_line(cells)]
+    if not all(h.get("memory_collects_cycles") for h in headers):
+        lines += ["", ("Memory caveat: runs whose header lacks `memory_collects_cycles` measured each cell's memory from a "
+                       "baseline taken without collecting reference cycles, so models that earlier runner cells left (freed only "
+                       "by the cycle collector, possibly during the cell) may make a cell's peak look smaller than it was.")]
+    if targets:
+        lines += ["", *target_table(targets)]
+    if check is not None:
+        differences = ", ".join(f"{k.removesuffix('_max_relative')} {v:.1e}" for k, v in check.items() if k != "kind")
+        lines += ["", (f"Fused gated ReLU against ReLU then multiply on this device, largest difference relative to the largest "
+                      f"value: {differences}.")]
+    if failed:
+        lines += ["", "Failed: " + "; ".join(f"{cell}: `{error}`" for cell, error in failed.items()) + "."]
+    if skipped:
+        lines += ["", f"Not measured (past the {header['deadline']} s deadline): {', '.join(skipped)}."]
+    summary: dict[str, list[float]] = {}
+    if acc is not None:
+        accuracy_lines, summary = _accuracy_lines(acc, gpu)
+        lines += accuracy_lines
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "gpu.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "gpu.json").write_text(json.dumps({"headers": headers, "cells": cells, "skipped": skipped, "failed": failed,
+                                                  "gate_check": check, "accuracy": acc}, indent=1))
+    panels = []
+    for mode in ("eager", "compiled"):
+        values = {k.replace(f"/{mode}/", " "): v["samples_per_s"] for k, v in cells.items() if f"/{mode}/" in k and "channels" not in k}
+        if values:
+            panels.append((f"samples/s, {mode} ({gpu})", values, None))
+    if summary:
+        panels.append(("Fashion-MNIST test accuracy (mean)", {s: sum(v) / len(v) for s, v in summary.items()}, None))
+    if panels:
+        bar_chart(RESULTS / "gpu.png", panels)
+    print((RESULTS / "gpu.md").read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="resnet20-cifar100", help="a packaged recipe name or a recipe file")
-    parser.add_argument("--epochs-scale", type=float, default=0.05)
-    parser.add_argument("--dataset", default="synthetic")
-    parser.add_argument("--train-samples", type=int, default=50_000, help="synthetic training images")
-    parser.add_argument("--test-samples", type=int, default=10_000, help="synthetic test images")
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--throughput-epochs", type=int, default=2)
+    parser.add_argument("--models", nargs="*", default=["resnet50", "resnet18", "vgg16_bn"])
+    parser.add_argument("--compiled", nargs="*", default=["resnet18", "resnet50"], help="models also measured compiled")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=24, help="batches per timed epoch")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--accuracy-seeds", type=int, default=1, help="Fashion-MNIST seeds (0: skip)")
+    parser.add_argument("--accuracy-max-train", type=int, default=None, help="first N training images (default: all)")
+    parser.add_argument("--deadline", type=float, default=420.0, help="seconds after which no new cell starts")
+    parser.add_argument("--only", nargs="*", help="throughput cells to measure, by name (default: all)")
+    parser.add_argument("--cells", type=Path, nargs="+", default=[RESULTS / "gpu_cells.jsonl"])
+    parser.add_argument("--render", action="store_true", help="only rebuild the results from --cells")
     parser.add_argument("--allow-cpu", action="store_true")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    if args.render:
+        render(args.cells)
+        return
+    if len(args.cells) != 1:
+        sys.exit("a run writes one --cells file")
+    cells_path = args.cells[0]
     if not torch.cuda.is_available() and not args.allow_cpu:
         sys.exit("benchmarks/gpu.py needs a CUDA GPU (pass --allow-cpu to check the script on small settings)")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    recipe = scale_recipe(load_recipe(args.recipe, args.overrides), args.epochs_scale)
-    num_classes = int(recipe.model_args.get("num_classes", 1000))
-    if args.dataset == "synthetic":
-        train, test = synthetic(num_classes, args.train_samples, 0, device), synthetic(num_classes, args.test_samples, 1, device)
-    else:
-        train, test = real(args.dataset, recipe, device)
-    train, val = split(train, recipe.data.val_fraction, seed=0)
-    accelerator = make_accelerator(recipe.mixed_precision)
-    teacher = timm.create_model(recipe.architecture, **recipe.model_args).to(device)
-    plain = plain_loop(teacher, train, args.throughput_epochs, recipe.batch_size, recipe.teacher.lr, recipe.mixed_precision == "bf16")
-    stage = throughput_stage(recipe, args.throughput_epochs)
-    ours = train_stage(timm.create_model(recipe.architecture, **recipe.model_args), make_loader(train, recipe.batch_size, True), stage,
-                       task="classification", accelerator=accelerator, name="runner", progress=False)
-    pair = [timm.create_model(recipe.architecture, **recipe.model_args) for _ in range(2)]
-    gated = hm.add_gates(hm.concatenate(*pair))
-    gate = train_stage(gated, make_loader(train, recipe.batch_size, True), stage, task="classification", accelerator=accelerator,
-                       name="gates", regularizer=GateRegularizer(gated, 0.01, 0.05), progress=False)
-    throughput = {"plain_samples_per_s": plain, "runner_samples_per_s": ours.samples / ours.seconds,
-                  "gate_samples_per_s": gate.samples / gate.seconds}
-    throughput["runner_over_plain"] = throughput["runner_samples_per_s"] / plain
-    throughput["gate_epoch_over_teacher_epoch"] = throughput["runner_samples_per_s"] / throughput["gate_samples_per_s"]
-    del gated, pair
-    data = SeedData(train=train, val=val, test=test, name=args.dataset)
-    runs = [run_seed(recipe, seed, data=data, accelerator=accelerator, observers=[Timer(), Budgets()], progress=False).row
-            for seed in range(args.seeds)]
-    strategies = ["student", *recipe.baselines, "ensemble", "teacher_a", "teacher_b"]
-    summary = {name: stats([r[name] for r in runs]) for name in strategies}
-    result = {"command": command(), "machine": machine(), "dataset": args.dataset, "recipe": recipe.to_dict(),
-              "throughput": throughput, "summary": summary, "runs": [{k: v for k, v in r.items() if k != "curves"} for r in runs]}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gpu.json").write_text(json.dumps(result, indent=1))
-    gpu = result["machine"]["gpu"] or "no GPU (CPU check)"
-    lines = [f"# {recipe.architecture} on {args.dataset}, {recipe.mixed_precision}, epochs × {args.epochs_scale} ({gpu})", "",
-             f"Command: `{command()}`", "",
-             f"Throughput (samples/s, batch {recipe.batch_size}): plain loop {plain:.0f}, runner {throughput['runner_samples_per_s']:.0f} "
-             f"(×{throughput['runner_over_plain']:.2f}), gate stage {throughput['gate_samples_per_s']:.0f} "
-             f"(a gate epoch costs {throughput['gate_epoch_over_teacher_epoch']:.2f} teacher epochs).", "",
-             "| strategy | mean test accuracy | min | max | seeds |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | {summary[n]['mean']:.4f} | {summary[n]['min']:.4f} | {summary[n]['max']:.4f} | {summary[n]['n']} |"
-              for n in strategies]
-    (RESULTS / "gpu.md").write_text("\n".join(lines) + "\n")
-    bar_chart(RESULTS / "gpu.png", [(f"samples/s ({gpu})", {"plain loop": plain, "runner": throughput["runner_samples_per_s"],
-                                                           "gate stage": throughput["gate_samples_per_s"]}, None),
-                                    ("mean test accuracy", {n: summary[n]["mean"] for n in strategies}, None)])
-    print((RESULTS / "gpu.md").read_text())
+    bench = Bench(args.batch, args.image_size, args.steps, args.epochs, device)
+    began = time.perf_counter()
+    cells_path.parent.mkdir(parents=True, exist_ok=True)
+    cells_path.write_text("")
+    append(cells_path, {"kind": "header", "memory_collects_cycles": True, "command": command(), "machine": machine(), "models": args.models, "batch": args.batch,
+                        "image_size": args.image_size, "steps": args.steps, "epochs": args.epochs, "deadline": args.deadline})
+    plan: list[tuple[str, Callable[[], Any]]] = [("gate check", lambda: gate_check(device))]
+    for name in args.models:
+        plan += throughput_cells(name, bench, compiled=False)
+    if args.accuracy_seeds:
+        plan.append(("accuracy", lambda: accuracy(args.accuracy_seeds, device, args.accuracy_max_train)))
+    compiled = [cell for name in args.compiled for cell in throughput_cells(name, bench, compiled=True)]
+    plan += sorted(compiled, key=lambda cell: "plain" in cell[0])  # what users run first: the runner and the gate stage
+    if args.only is not None:
+        plan = [(cell, measure) for cell, measure in plan if cell.count("/") != 2 or cell.split("/")[2] in args.only]
+    for cell, measure in plan:
+        if time.perf_counter() - began > args.deadline:
+            append(cells_path, {"kind": "skipped", "cell": cell})
+            continue
+        torch._dynamo.reset()
+        try:
+            result = measure()
+        except Exception as e:  # noqa: BLE001 (a failed cell is reported in the table; the other cells still run)
+            append(cells_path, {"kind": "failed", "cell": cell, "error": f"{type(e).__name__}: {e}"[:500]})
+            continue
+        if cell in ("accuracy", "gate check"):
+            append(cells_path, {"kind": cell.replace(" ", "_"), **result})
+        else:
+            append(cells_path, {"kind": "cell", "cell": cell, **result})
+    render([cells_path])
 
 
 if __name__ == "__main__":
