@@ -16,19 +16,29 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from ._version import __version__
 from .adapters import resolve_spec
 from .card import render_card
 from .config import MergeConfig
 from .data import Preprocessing, make_loader, prepare_dataset, training_view
-from .errors import UnsupportedModelError
+from .errors import DataModelMismatchError, UnsupportedModelError
 from .gates import GatedModel, GateRegularizer, GroupStats, add_gates, gates_removed
 from .hub import TeacherInfo, load_teacher, push_folder, save_student
 from .spec import MergeSpec
 from .surgery import select_model, widen_model
-from .training import DistillationLoss, MeanEnsemble, StageReport, evaluate, make_accelerator, predict, train_stage
+from .training import (
+    DistillationLoss,
+    MeanEnsemble,
+    StageReport,
+    evaluate,
+    make_accelerator,
+    on_main_process,
+    predict,
+    task_loss,
+    train_stage,
+)
 from .training.checkpoint import CheckpointDir
 from .validation import check_output_dir, check_teachers
 
@@ -83,13 +93,16 @@ class OutputOptions:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How the stages run: the ``accelerator`` (one is made from the config if ``None``), progress bars, and checkpoints
-    under ``checkpoint_dir`` every ``checkpoint_every`` epochs (a rerun into the same directory resumes)."""
+    """How the stages run: the ``accelerator`` (one is made from the config if ``None``), progress bars, checkpoints
+    under ``checkpoint_dir`` every ``checkpoint_every`` epochs (a rerun into the same directory resumes), and a
+    ``stage_prefix`` for the stages' names (progress bars, tracker tags, reports), so the curves of several merges
+    logged to one tracker stay apart."""
 
     accelerator: Accelerator | None = None
     progress: bool = True
     checkpoint_dir: str | os.PathLike[str] | None = None
     checkpoint_every: int = 1
+    stage_prefix: str = ""
 
 
 @dataclass
@@ -175,13 +188,35 @@ class MergeResult:
         commit_message: str = "Add merged student (hf_netmerge)",
         token: str | None = None,
     ) -> str:
-        """Publish the saved layout to the Hub in exactly one commit; returns the commit URL.
+        """Publish the saved layout to the Hub in one commit (none when no file changed); returns the commit URL.
 
-        The token comes from ``token``, ``HF_TOKEN`` or the cached ``hf auth login``.
+        The token comes from ``token``, ``HF_TOKEN`` or the cached ``hf auth login``. Under several processes only
+        the main one publishes; every process returns the URL (or raises :class:`HubPushError`).
         """
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / "student")
-            return push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token)
+
+        def push() -> str:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = self.save_pretrained(Path(tmp) / "student")
+                return push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token)
+
+        return on_main_process(push)
+
+
+def _check_teacher_reads(teacher: nn.Module, data: Dataset, task: str) -> None:
+    """One forward pass and the task's loss on two examples, before anything trains: data a teacher cannot read (an
+    image model on tabular data) or targets its outputs do not fit is refused with :class:`DataModelMismatchError`."""
+    inputs, targets = next(iter(make_loader(data, 2, shuffle=False)))
+    was_training = teacher.training
+    try:
+        with torch.no_grad():
+            task_loss(task, teacher.eval()(inputs), targets)
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise DataModelMismatchError(
+            f"the teachers cannot be trained on this data ({task}, inputs of shape {tuple(inputs.shape[1:])}, targets of shape "
+            f"{tuple(targets.shape[1:])}): {str(e).splitlines()[0]}; check the dataset against the teachers' input and task"
+        ) from e
+    finally:
+        teacher.train(was_training)
 
 
 def _dataset_name(data: Any) -> list[str]:
@@ -246,6 +281,7 @@ def merge_models(
     train_set = prepare(train_data, min_size=config.batch_size, label="train_data")
     eval_set = prepare(eval_data, min_size=1, label="eval_data") if eval_data is not None else None
     preprocessing = getattr(train_set, "preprocessing", None)
+    _check_teacher_reads(a, train_set, config.task)
     train_set = training_view(train_set, config.augment, config.seed)
 
     accelerator = run.accelerator or make_accelerator(config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
@@ -267,7 +303,7 @@ def merge_models(
         train(
             gated,
             stage=config.gate_stage(),
-            name="gates",
+            name=f"{run.stage_prefix}gates",
             regularizer=regularizer,
             checkpoint=checkpoints("gates"),
         )
@@ -283,7 +319,7 @@ def merge_models(
     if config.finetune_epochs > 0:
         distillation = (DistillationLoss(MeanEnsemble(a, b), config.task, config.distill_temperature, config.distill_alpha)
                         if config.distill_alpha > 0 else None)
-        stages.append(train(student, stage=config.finetune_stage(), name="finetune", distillation=distillation,
+        stages.append(train(student, stage=config.finetune_stage(), name=f"{run.stage_prefix}finetune", distillation=distillation,
                             checkpoint=checkpoints("finetune")))
     student.eval()
     metrics["student"] = measure(student)

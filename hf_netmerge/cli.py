@@ -1,9 +1,10 @@
-"""Command line ``hf-netmerge`` (also ``python -m hf_netmerge``): ``demo``, ``merge``, ``run``, ``inspect``."""
+"""Command line ``hf-netmerge`` (also ``python -m hf_netmerge``): ``demo``, ``merge``, ``push``, ``run``, ``inspect``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import MergeConfig
@@ -56,37 +57,57 @@ def _speed_flags(args: argparse.Namespace) -> dict[str, str | bool]:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    import torch
+    from accelerate.state import PartialState
+
     from .api import LoadOptions, OutputOptions, RunOptions, merge_models
-    from .data import load_data
+    from .data import first_examples, load_data
+    from .hub import push_folder
+    from .training import on_main_process
     from .validation import check_output_dir
 
     check_output_dir(args.output_dir, args.overwrite)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     data = load_data(args.dataset)
     config = _merge_config(args, data.task)
+    train = data.train if args.max_train_samples is None else first_examples(data.train, args.max_train_samples)
     result = merge_models(
         args.teacher_a,
         args.teacher_b,
-        data.train,
+        train,
         data.eval,
         config,
         load=LoadOptions(architecture=args.architecture, allow_pickle=args.allow_pickle),
         output=OutputOptions(args.output_dir, overwrite=args.overwrite),
         run=RunOptions(progress=not args.no_progress),
     )
-    for name, values in result.metrics.items():
-        print(f"{name:<24} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
-    print(f"saved the student to {args.output_dir}")
+    main_process = PartialState().is_main_process  # under accelerate launch, one table and one push
+    if main_process:
+        for name, values in result.metrics.items():
+            print(f"{name:<24} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        print(f"saved the student to {args.output_dir}")
     if args.push_to_hub:
-        print(f"pushed: {result.push_to_hub(args.push_to_hub, private=args.private or None)}")
+        url = on_main_process(lambda: push_folder(Path(args.output_dir), args.push_to_hub, private=args.private or None))
+        if main_process:
+            print(f"pushed: {url}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import check_student_dir, push_folder
+
+    folder = check_student_dir(args.directory)
+    print(f"pushed: {push_folder(folder, args.repo_id, private=args.private or None, revision=args.revision)}")
     return 0
 
 
 def _recipe(args: argparse.Namespace) -> RecipeConfig:
-    """The recipe ``run`` names, with ``--compile`` / ``--channels-last``, then the ``key=value`` overrides, applied."""
+    """The recipe ``run`` names, with ``--compile`` / ``--channels-last`` / ``--threads``, then the ``key=value`` overrides."""
     from .experiments import load_recipe
 
-    speed = [f"{key}={str(value).lower()}" for key, value in _speed_flags(args).items()]
-    return load_recipe(args.recipe, [*speed, *args.overrides])
+    flags = {**_speed_flags(args), **({"threads": args.threads} if args.threads is not None else {})}
+    return load_recipe(args.recipe, [*(f"{key}={str(value).lower()}" for key, value in flags.items()), *args.overrides])
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -123,7 +144,15 @@ def format_spec(spec: MergeSpec) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _add_speed_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's, all cores)")
     parser.add_argument("--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
                         help="train every stage through torch.compile in this mode (default mode when given alone)")
     parser.add_argument("--channels-last", action="store_true", help="train conv nets in the channels_last memory format")
@@ -157,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one MergeConfig field")
     merge.add_argument("--augment", choices=["auto", "none"], help="train-time augmentation (default auto; knobs: --set augment.hflip=0)")
     merge.add_argument("--num-workers", type=int, help="DataLoader worker processes that decode images (default 0)")
+    merge.add_argument("--max-train-samples", type=_positive, help="train on the first N training examples only")
     _add_speed_flags(merge)
     merge.add_argument("--architecture", help="timm architecture of .safetensors teacher files")
     merge.add_argument("--allow-pickle", action="store_true", help="read pickle teachers with torch.load(weights_only=True)")
@@ -165,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     merge.add_argument("--no-progress", action="store_true", help="no progress bars")
     merge.set_defaults(func=_merge)
+
+    push = sub.add_parser("push", help="publish a saved student (merge --output-dir) to the Hub in one commit, without retraining")
+    push.add_argument("directory", help="a directory written by merge --output-dir or MergeResult.save_pretrained")
+    push.add_argument("repo_id", help="the Hub repo (created if needed)")
+    push.add_argument("--revision", help="a branch to commit to (created from main if needed)")
+    push.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    push.set_defaults(func=_push)
 
     run = sub.add_parser("run", help="a whole experiment from a recipe: teachers, merge, fine-tune, baselines")
     run.add_argument("recipe", help="a recipe YAML file, or the name of a packaged recipe (sine, resnet20-cifar100, ...)")

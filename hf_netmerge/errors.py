@@ -115,6 +115,18 @@ class OfflineNotCachedError(CheckpointError):
     """Offline mode is on and the reference is not in the local Hub cache."""
 
 
+class UnreachableReferenceError(CheckpointError):
+    """No local file or directory has that name, and the Hub cannot be reached now nor has it cached."""
+
+
+class NotAStudentError(CheckpointError):
+    """A directory to publish is not a saved student (config.json, model.safetensors, netmerge_config.json, README.md)."""
+
+
+class HubPushError(NetMergeError, OSError):
+    """Publishing to the Hub failed (the HTTP status and repo are named); nothing was committed, the local files are intact."""
+
+
 # Data that cannot be trained on.
 class EmptyDatasetError(DatasetError):
     """The dataset has no examples."""
@@ -128,6 +140,10 @@ class LabelRangeError(DatasetError):
     """Labels are negative, not integers, or not below the model's number of classes."""
 
 
+class DataModelMismatchError(DatasetError):
+    """The teachers cannot read the data, or their outputs do not fit its targets (an image model on tabular data, ...)."""
+
+
 class MissingColumnError(DatasetError):
     """The dataset lacks the image or label column named in the config."""
 
@@ -138,16 +154,19 @@ __all__ = [
     "CheckpointMismatchError",
     "ConfigError",
     "CorruptHeaderError",
+    "DataModelMismatchError",
     "DatasetError",
     "DatasetTooSmallError",
     "DtypeMismatchError",
     "EmptyDatasetError",
     "EmptyFileError",
     "FormatMismatchError",
+    "HubPushError",
     "KeyMismatchError",
     "LabelRangeError",
     "MissingColumnError",
     "NetMergeError",
+    "NotAStudentError",
     "NonFiniteLossError",
     "NonFiniteWeightsError",
     "NumClassesMismatchError",
@@ -162,5 +181,6 @@ __all__ = [
     "ShapeMismatchError",
     "TeacherMismatchError",
     "TruncatedFileError",
+    "UnreachableReferenceError",
     "UnsupportedModelError",
 ]

@@ -30,6 +30,8 @@ from .errors import (
     CorruptHeaderError,
     EmptyFileError,
     FormatMismatchError,
+    HubPushError,
+    NotAStudentError,
     OfflineNotCachedError,
     OverlappingTensorsError,
     OversizedHeaderError,
@@ -38,6 +40,7 @@ from .errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
     TruncatedFileError,
+    UnreachableReferenceError,
 )
 from .validation import check_output_dir
 
@@ -45,6 +48,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MERGE_CONFIG_NAME = "netmerge_config.json"
 CARD_NAME = "README.md"
+HUB_PROBE_SECONDS = 10  # one request asking the Hub whether a repo exists
 _SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024
 
 
@@ -252,23 +256,48 @@ def _load_file(
 
 
 def _load_hub(ref: str) -> tuple[nn.Module, TeacherInfo]:
-    """Fetch ``config.json`` then ``model.safetensors`` at the commit the revision resolved to (works offline from cache)."""
-    from huggingface_hub import hf_hub_download
+    """Fetch ``config.json`` then ``model.safetensors`` at the commit the revision resolved to.
+
+    ``ref`` named no local path, so it is a Hub id: the Hub is asked once (no retries) whether the repo and revision
+    exist; when it cannot be reached, the local Hub cache is used, and when that lacks it too the error says the name
+    is neither a local path nor a reachable Hub repo (instead of a minute of download retries).
+    """
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import constants as hub_constants
     from huggingface_hub import errors as hub_errors
 
     repo_id, _, revision = ref.partition("@")
     typed = (  # most specific first: LocalEntryNotFoundError is an EntryNotFoundError
         (hub_errors.LocalEntryNotFoundError, OfflineNotCachedError, "go online once or unset HF_HUB_OFFLINE"),
         (hub_errors.OfflineModeIsEnabled, OfflineNotCachedError, "go online once or unset HF_HUB_OFFLINE"),
-        (hub_errors.RepositoryNotFoundError, RepoNotFoundError, "check the id and that your token can see it"),
+        (hub_errors.RepositoryNotFoundError, RepoNotFoundError,
+         "no local path has that name either; check the path, or the id and that your token can see it"),
         (hub_errors.RevisionNotFoundError, RevisionNotFoundError, "check the branch, tag or commit"),
         (hub_errors.EntryNotFoundError, RemoteFileNotFoundError, f"the repo needs {CONFIG_NAME} and {WEIGHTS_NAME}"),
         (hub_errors.RemoteEntryNotFoundError, RemoteFileNotFoundError, f"the repo needs {CONFIG_NAME} and {WEIGHTS_NAME}"),
     )
+    cache_only = bool(hub_constants.HF_HUB_OFFLINE)
     try:
-        config_path = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None))
+        if not cache_only:
+            try:
+                HfApi().model_info(repo_id, revision=revision or None, timeout=HUB_PROBE_SECONDS)
+            except hub_errors.HfHubHTTPError:
+                raise
+            except Exception as e:  # noqa: BLE001 (no connection, DNS, TLS or timeout: the HTTP library's own error types)
+                cache_only, unreachable = True, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        try:
+            config_path = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None, local_files_only=cache_only))
+        except hub_errors.LocalEntryNotFoundError as e:
+            if hub_constants.HF_HUB_OFFLINE:
+                raise
+            raise UnreachableReferenceError(
+                f"teacher {ref!r} is neither a local path (nothing of that name under {Path.cwd()}) nor a Hub repo that can "
+                f"be reached now ({unreachable}) or that is cached; check the path, or go online once"
+            ) from e
         commit = config_path.parent.name
-        hf_hub_download(repo_id, WEIGHTS_NAME, revision=commit)
+        hf_hub_download(repo_id, WEIGHTS_NAME, revision=commit, local_files_only=cache_only)
+    except UnreachableReferenceError:
+        raise
     except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, hub_errors.LocalEntryNotFoundError,
             hub_errors.OfflineModeIsEnabled, OSError, ValueError) as e:
         for source, error, advice in typed:
@@ -306,28 +335,28 @@ def _write(path: Path, data: bytes | str) -> None:
         os.fsync(f.fileno())
 
 
-def save_student(
-    student: nn.Module,
+def save_network(
+    model: nn.Module,
     directory: str | os.PathLike[str],
     *,
-    merge_record: dict[str, Any],
-    card: str,
+    extra_files: dict[str, str] | None = None,
     label_names: list[str] | None = None,
     preprocessing: Preprocessing | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``config.json``, ``model.safetensors``, ``netmerge_config.json`` and ``README.md`` atomically."""
+    """Write ``model`` in timm's layout (``config.json``, ``model.safetensors``) plus ``extra_files`` (name → text),
+    atomically: a temporary directory renamed into place, so a killed save leaves nothing or everything."""
     target = check_output_dir(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.*-*"):  # left by a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        _write(tmp / CONFIG_NAME, json.dumps(timm_config(student, label_names, preprocessing), indent=2))
-        state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+        _write(tmp / CONFIG_NAME, json.dumps(timm_config(model, label_names, preprocessing), indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         _write(tmp / WEIGHTS_NAME, safetensors.torch.save(state, metadata={"format": "pt"}))
-        _write(tmp / MERGE_CONFIG_NAME, json.dumps(merge_record, indent=2))  # in record order: the card renders from it
-        _write(tmp / CARD_NAME, card)
+        for name, text in (extra_files or {}).items():
+            _write(tmp / name, text)
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.replace(target, old / target.name)
@@ -341,6 +370,34 @@ def save_student(
     return target
 
 
+def save_student(
+    student: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    merge_record: dict[str, Any],
+    card: str,
+    label_names: list[str] | None = None,
+    preprocessing: Preprocessing | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``config.json``, ``model.safetensors``, ``netmerge_config.json`` and ``README.md`` atomically."""
+    extra = {MERGE_CONFIG_NAME: json.dumps(merge_record, indent=2), CARD_NAME: card}  # in record order: the card renders from it
+    return save_network(student, directory, extra_files=extra, label_names=label_names, preprocessing=preprocessing,
+                        overwrite=overwrite)
+
+
+STUDENT_FILES = (CONFIG_NAME, WEIGHTS_NAME, MERGE_CONFIG_NAME, CARD_NAME)
+
+
+def check_student_dir(folder: str | os.PathLike[str]) -> Path:
+    """``folder`` as a Path if it holds a saved student's files, else :class:`NotAStudentError` naming what is missing."""
+    path = Path(folder)
+    missing = [name for name in STUDENT_FILES if not (path / name).is_file()]
+    if missing:
+        raise NotAStudentError(f"{path} is not a saved student: it lacks {', '.join(missing)} (save one with merge --output-dir)")
+    return path
+
+
 def push_folder(
     folder: Path,
     repo_id: str,
@@ -352,14 +409,24 @@ def push_folder(
 ) -> str:
     """Publish every file of ``folder`` to ``repo_id`` in one commit (the repo and branch are created if needed).
 
-    The token comes from ``token``, ``HF_TOKEN`` or the cached login; it is never logged. Returns the commit URL.
+    Files identical to the branch's are not sent again; when none changed, no commit is made and the URL of
+    the branch's head commit is returned. The token comes from ``token``, ``HF_TOKEN`` or the cached login; it
+    is never logged. Returns the commit URL. A refused request raises :class:`HubPushError` (repo, HTTP status,
+    the folder that still holds everything).
     """
     from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token, library_name="hf_netmerge")
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(folder.iterdir())]
-    info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
-    return info.commit_url
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(folder.iterdir())]
+        return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision).commit_url
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "no response"
+        raise HubPushError(
+            f"publishing {folder} to the Hub repo {repo_id!r} failed (HTTP {status}): {str(e).splitlines()[0]}; nothing was "
+            f"committed and {folder} is intact: publish it later with `hf-netmerge push {folder} {repo_id}`"
+        ) from e

@@ -43,6 +43,11 @@ def _oid() -> str:
     return secrets.token_hex(20)
 
 
+def _git_hash(data: bytes) -> str:
+    """What ``git hash-object`` prints for ``data``."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 class HubState:
     """Repos, LFS objects and the request log of one server."""
 
@@ -53,6 +58,7 @@ class HubState:
         self.announced: set[str] = set()
         self.log: list[tuple[str, str, dict[str, str]]] = []
         self.lock = threading.Lock()
+        self.commit_status: int | None = None  # set to make every commit fail with this HTTP status (a Hub fault)
 
     def commits(self, repo_id: str) -> list[Commit]:
         return list(self.repos[repo_id].commits.values())
@@ -108,7 +114,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if not rest or rest[0] == "revision":
                     return self._model_info(repo_id, "/".join(rest[1:]) or "main", method)
                 if rest[0] == "preupload" and method == "POST":
-                    return self._preupload("/".join(rest[1:]))
+                    return self._preupload(repo_id, "/".join(rest[1:]))
                 if rest[0] == "commit" and method == "POST":
                     return self._commit(repo_id, "/".join(rest[1:]))
                 if rest[0] == "branch" and method == "POST":
@@ -182,12 +188,18 @@ class _Handler(BaseHTTPRequestHandler):
             head=method == "HEAD",
         )
 
-    def _preupload(self, revision: str) -> None:
+    def _preupload(self, repo_id: str, revision: str) -> None:
+        """Upload modes, and like the Hub the ``oid`` of each file the branch already holds (sha256 for LFS, the git
+        blob hash otherwise), which the client uses to leave unchanged files out of a commit."""
         files = json.loads(self._body())["files"]
-        modes = [
-            {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular", "shouldIgnore": False}
-            for f in files
-        ]
+        head = self.state.repos[repo_id].resolve(revision)
+        existing = head.files if head is not None else {}
+        modes = []
+        for f in files:
+            lfs = f["path"].endswith(".safetensors")
+            data = existing.get(f["path"])
+            oid = None if data is None else hashlib.sha256(data).hexdigest() if lfs else _git_hash(data)
+            modes.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
         self._send(200, {"files": modes, "commitOid": None})
 
     def _lfs_batch(self) -> None:
@@ -211,6 +223,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _commit(self, repo_id: str, revision: str) -> None:
         repo = self.state.repos[repo_id]
         lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
+        if self.state.commit_status is not None:
+            return self._error(self.state.commit_status, "InternalError")
         parent = repo.resolve(revision)
         if parent is None or revision not in repo.branches:
             return self._error(404, "RevisionNotFound")

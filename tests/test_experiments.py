@@ -62,6 +62,13 @@ def test_recipe_merge_section_holds_only_the_schedule():
                                                 "channels_last"}
 
 
+def test_every_stage_of_a_seed_is_named_with_the_seed_so_tracker_curves_stay_apart():
+    result = run_seed(_tiny("baselines=[one_model]"), 5, progress=False)
+    names = [report.stage for trained in result.trained.values() for report in trained.reports]
+    assert "seed 5 student gates" in names and "seed 5 student finetune" in names
+    assert all(name.startswith("seed 5 ") for name in names), names
+
+
 def test_sine_protocol_is_defined_once():
     recipe = _tiny()
     data = load_seed_data(recipe, 4)

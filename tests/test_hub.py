@@ -44,8 +44,8 @@ def test_push_is_one_commit_and_loads_back_with_timm(hub, merged):
     assert sorted(commits[-1].files) == ["README.md", "config.json", "model.safetensors", "netmerge_config.json"]
     loaded = timm.create_model("hf-hub:user/lenet-merged", pretrained=True).eval()
     torch.testing.assert_close(loaded(X), merged.student.eval()(X))
-    merged.push_to_hub("user/lenet-merged")
-    assert len(hub.state.commits("user/lenet-merged")) == 3  # every push is exactly one more commit
+    assert merged.push_to_hub("user/lenet-merged") == url  # nothing changed: no second, empty commit
+    assert len(hub.state.commits("user/lenet-merged")) == 2
     writes = [h for m, p, h in hub.state.log if m == "POST" and p.endswith("/commit/main")]
     assert writes and all(h.get("authorization") == f"Bearer {HUB_TOKEN}" for h in writes)
 
@@ -98,6 +98,29 @@ def test_missing_repo_revision_or_file_is_a_checkpoint_error(hub, tmp_path, ref,
         load_teacher(ref)
 
 
+def test_a_name_that_is_no_path_and_no_reachable_repo_fails_fast_and_says_so(hub, tmp_path, monkeypatch):
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    _publish_teacher(make_teacher("netmerge_lenet", {"num_classes": 4}, 3), "user/cached-teacher", tmp_path)
+    cached, _ = load_teacher("user/cached-teacher")  # now in the local Hub cache
+    with socket.socket() as s:  # a loopback port nothing listens on: the Hub is unreachable
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", closed)
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(hm.UnreachableReferenceError, match="neither a local path .* nor a Hub repo that can be reached"):
+        load_teacher("teachers/a")
+    assert time.perf_counter() - start < 5  # one request, no download retries
+    assert main(["inspect", "notamodel"]) == 2
+    again, info = load_teacher("user/cached-teacher")  # unreachable but cached: the cache serves it
+    torch.testing.assert_close(again(X), cached(X))
+    assert info.source == "hf-hub"
+
+
 def test_offline_and_not_cached_is_a_checkpoint_error(hub, monkeypatch):
     import huggingface_hub.constants
 
@@ -125,6 +148,60 @@ def test_cli_merge_and_push_never_reveal_the_token(hub, data, tmp_path, capsys, 
     texts += [p.read_bytes().decode("utf-8", "replace") for p in tmp_path.rglob("*") if p.is_file()]
     assert not any(HUB_TOKEN in t for t in texts)
     assert main(["merge", *teachers, "--dataset", str(tmp_path / "data"), "--output-dir", str(out)]) == 2  # exists
+
+
+def _cli_teachers_and_data(data, tmp_path) -> list[str]:
+    """Two LeNet teachers saved in timm's layout and the image dataset saved to disk, as the CLI takes them."""
+    teachers = []
+    for i in range(2):
+        save_for_hf(make_teacher("netmerge_lenet", {"num_classes": 4}, i), tmp_path / f"t{i}", safe_serialization=True)
+        teachers.append(str(tmp_path / f"t{i}"))
+    data.save_to_disk(str(tmp_path / "data"))
+    return [*teachers, "--dataset", str(tmp_path / "data"), "--set", "gate_epochs=1", "--set", "finetune_epochs=0", "--set",
+            "batch_size=16", "--no-progress"]
+
+
+def test_a_hub_fault_is_a_typed_error_and_push_publishes_the_saved_student_later(hub, data, tmp_path, capsys):
+    args = _cli_teachers_and_data(data, tmp_path)
+    out = tmp_path / "student"
+    hub.state.commit_status = 500
+    try:
+        assert main(["merge", *args, "--output-dir", str(out), "--push-to-hub", "user/faulty"]) == 2
+    finally:
+        hub.state.commit_status = None
+    err = capsys.readouterr().err
+    assert "'user/faulty'" in err and "HTTP 500" in err and f"hf-netmerge push {out} user/faulty" in err and "Traceback" not in err
+    assert len(hub.state.commits("user/faulty")) == 1  # only the repo's initial commit: nothing partial
+    assert main(["push", str(out), "user/faulty"]) == 0
+    assert len(hub.state.commits("user/faulty")) == 2 and sorted(hub.state.commits("user/faulty")[-1].files) == sorted(
+        p.name for p in out.iterdir())
+    assert main(["push", str(out), "user/faulty"]) == 0  # unchanged: no empty commit
+    assert len(hub.state.commits("user/faulty")) == 2
+    (out / "README.md").write_text((out / "README.md").read_text() + "\nEdited.\n")
+    assert main(["push", str(out), "user/faulty"]) == 0
+    assert sorted(hub.state.commits("user/faulty")[-1].files) == sorted(p.name for p in out.iterdir())  # the tree stays whole
+    assert len(hub.state.commits("user/faulty")) == 3
+    assert main(["push", str(tmp_path / "t0"), "user/faulty"]) == 2
+    assert "is not a saved student" in capsys.readouterr().err
+
+
+def test_two_processes_print_and_push_once(hub, data, tmp_path):
+    """``accelerate launch`` with two CPU processes, as a user runs it (a fork of this threaded test process could
+    inherit a held lock): one printed table, one push, one commit."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["merge", *_cli_teachers_and_data(data, tmp_path), "--output-dir", str(tmp_path / "student"), "--push-to-hub", "user/two"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--dynamo_backend", "no", "--mixed_precision", "no", "--main_process_port", str(port), "-m", "hf_netmerge", *args]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("pushed: http://127.0.0.1") == 1 and done.stdout.count("saved the student to") == 1, done.stdout
+    assert len(hub.state.commits("user/two")) == 2  # the repo's initial commit + exactly one
 
 
 def test_transformers_loads_the_student_with_the_same_logits(hub, merged, data):

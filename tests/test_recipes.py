@@ -55,6 +55,20 @@ def test_small_run_completes_and_writes_results(tmp_path, precision):
     assert student(torch.rand(2, 1)).shape == (2, 1)
 
 
+def test_a_run_exports_every_trained_network_in_timms_layout(tmp_path):
+    from hf_netmerge.data import make_loader
+    from hf_netmerge.experiments import load_seed_data
+    from hf_netmerge.training import evaluate, make_accelerator
+
+    recipe = _sine()
+    row = run_recipe(recipe, tmp_path / "run", progress=False)["runs"][0]
+    test = make_loader(load_seed_data(recipe, 0).test, recipe.data.eval_batch_size, shuffle=False)
+    for name in ("teacher_a", "teacher_b", "one_model", "student"):
+        model = timm.create_model(f"local-dir:{tmp_path / 'run' / 'seed0' / name}", pretrained=True)
+        mse = evaluate(model, test, task="regression", accelerator=make_accelerator("no"))["mse"]
+        assert mse == pytest.approx(row[name], rel=1e-6), name  # the exported network is the one that was scored
+
+
 def test_pruning_baseline_gives_the_teachers_architecture(tmp_path):
     data = datasets.DatasetDict({"train": image_dataset(96, 4, seed=0), "test": image_dataset(32, 4, seed=1)})
     data.save_to_disk(str(tmp_path / "data"))

@@ -201,6 +201,8 @@ REFUSALS = {
     "negative labels": (_pair(), lambda: TensorBatchDataset(torch.randn(32, 3, 28, 28), torch.full((32,), -1)), hm.LabelRangeError),
     "missing label column": (_pair(), lambda: image_dataset(32, 4).rename_column("label", "y"), hm.MissingColumnError),
     "missing image column": (_pair(), lambda: image_dataset(32, 4).rename_column("image", "img"), hm.MissingColumnError),
+    "tabular data for image teachers": (_pair(), lambda: TensorBatchDataset(torch.randn(32, 5), torch.randint(0, 4, (32,))),
+                                        hm.DataModelMismatchError),
 }
 
 

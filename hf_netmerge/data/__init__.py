@@ -5,7 +5,7 @@ One module per concern; the names below are the package's public surface.
 
 from .augment import Preprocessing, TensorAugment, image_transforms
 from .checks import check_dataset, dataset_targets
-from .datasets import HFImageDataset, TensorBatchDataset, as_torch_dataset, collate, is_hf_dataset, split, subset
+from .datasets import HFImageDataset, TensorBatchDataset, as_torch_dataset, collate, first_examples, is_hf_dataset, split, subset
 from .loaders import Loader, TensorLoader, make_loader
 from .named import NamedData, load_data
 from .offline import SINE_TEST_SIZE, SINE_TRAIN_SIZE, SINE_VAL_SIZE, fashion_mnist, fashion_mnist_images, mnist, mnist_images, sine_data, sine_splits
@@ -28,6 +28,7 @@ __all__ = [
     "dataset_targets",
     "fashion_mnist",
     "fashion_mnist_images",
+    "first_examples",
     "is_hf_dataset",
     "load_data",
     "make_loader",

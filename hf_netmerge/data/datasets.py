@@ -160,6 +160,16 @@ def subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
     return torch.utils.data.Subset(dataset, indices.tolist())
 
 
+def first_examples(dataset: Dataset, limit: int | None) -> Dataset:
+    """The first ``limit`` examples of ``dataset`` (all of it when ``limit`` is None or not smaller): a raw
+    ``datasets.Dataset`` through ``select`` (so it keeps its features), anything else through :func:`subset`."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if is_hf_dataset(dataset):
+        return dataset.select(range(limit))
+    return subset(dataset, torch.arange(limit))
+
+
 def split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """A seeded random (1 - fraction, fraction) split: the training and validation sets."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))

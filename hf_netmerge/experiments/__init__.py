@@ -11,7 +11,7 @@
 
 from .budget import Budget, ModelCost, forward_macs
 from .context import SeedContext
-from .observers import Budgets, Curves, Observer, Printer, SaveStudents, Timer, TrackTestScores
+from .observers import Budgets, Curves, Observer, Printer, SaveNetworks, Timer, TrackTestScores
 from .protocol import SeedData, derive_seed, load_seed_data, probe_model
 from .recipe import DataConfig, PruningConfig, RecipeConfig, available_recipes, load_recipe, scale_recipe
 from .run import SeedResult, run_recipe, run_seed
@@ -31,7 +31,7 @@ __all__ = [
     "Pruning",
     "PruningConfig",
     "RecipeConfig",
-    "SaveStudents",
+    "SaveNetworks",
     "SeedContext",
     "SeedData",
     "SeedResult",

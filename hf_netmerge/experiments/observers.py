@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..data import TensorBatchDataset, make_loader
+from ..hub import save_network
 from ..training import predict
 from .context import SeedContext
 from .strategies import Strategy, Trained
@@ -79,15 +81,32 @@ class Curves(Observer):
         row.setdefault("curves", {})[strategy.name] = predict(trained.model, loader, ctx.accelerator)[:, 0].tolist()
 
 
-class SaveStudents(Observer):
-    """Saves every merged student (timm layout + model card) as ``<directory>/seed<N>/<strategy>`` on the main process."""
+class SaveNetworks(Observer):
+    """Saves every trained network of a seed under ``<directory>/seed<N>/`` on the main process, so it can be merged,
+    shared or evaluated later: each merged student as ``<strategy>/`` (timm layout + model card), every other
+    strategy's final network as ``<strategy>/`` and the trained teachers as ``teacher_a/``, ``teacher_b/`` (timm
+    layout, with the preprocessing of the data they were trained on)."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
 
     def on_strategy_end(self, ctx: SeedContext, strategy: Strategy, trained: Trained, row: dict[str, Any]) -> None:
-        if trained.merge is not None and ctx.accelerator.is_main_process:
-            trained.merge.save_pretrained(self.directory / f"seed{ctx.seed}" / strategy.name, overwrite=True)
+        if not ctx.accelerator.is_main_process:
+            return
+        target = self.directory / f"seed{ctx.seed}" / strategy.name
+        if trained.merge is not None:
+            trained.merge.save_pretrained(target, overwrite=True)
+        else:
+            self._save(ctx, trained.model, target)
+
+    def on_seed_end(self, ctx: SeedContext, row: dict[str, Any], scores: dict[str, float]) -> None:
+        if ctx.accelerator.is_main_process and ctx.teachers_trained and not ctx.given_teachers:
+            for name, teacher in zip(("teacher_a", "teacher_b"), ctx.teachers()):
+                self._save(ctx, teacher, self.directory / f"seed{ctx.seed}" / name)
+
+    @staticmethod
+    def _save(ctx: SeedContext, model: nn.Module, target: Path) -> None:
+        save_network(model, target, preprocessing=getattr(ctx.data.train, "preprocessing", None), overwrite=True)
 
 
 class TrackTestScores(Observer):

@@ -10,12 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import timm
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..adapters import resolve_spec
-from ..data import load_data, prepare_dataset, sine_splits, split, subset
+from ..data import first_examples, load_data, prepare_dataset, sine_splits, split
 from ..errors import ConfigError, DatasetTooSmallError
 from .recipe import RecipeConfig
 
@@ -79,8 +78,8 @@ def load_seed_data(recipe: RecipeConfig, seed: int, probe: nn.Module | None = No
         train, val, test, task, name = loaded.train, None, loaded.eval, loaded.task, loaded.name
     if task != recipe.task:
         raise ConfigError(f"dataset {cfg.dataset!r} is a {task} task but the recipe says task={recipe.task!r}")
-    train = _first(prepare_dataset(train, min_size=1, label="train split", **common), cfg.max_train_samples)
-    test = _first(prepare_dataset(test, min_size=1, label="test split", **common), cfg.max_test_samples)
+    train = first_examples(prepare_dataset(train, min_size=1, label="train split", **common), cfg.max_train_samples)
+    test = first_examples(prepare_dataset(test, min_size=1, label="test split", **common), cfg.max_test_samples)
     if val is None:
         train, val = split(train, cfg.val_fraction, seed=0)
     else:
@@ -88,7 +87,3 @@ def load_seed_data(recipe: RecipeConfig, seed: int, probe: nn.Module | None = No
     if len(train) < recipe.batch_size:
         raise DatasetTooSmallError(f"the training split has {len(train)} examples, fewer than one batch ({recipe.batch_size})")
     return SeedData(train=train, val=val, test=test, name=name)
-
-
-def _first(dataset: Dataset, limit: int | None) -> Dataset:
-    return subset(dataset, torch.arange(limit)) if limit is not None and limit < len(dataset) else dataset

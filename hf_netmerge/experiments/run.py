@@ -27,7 +27,7 @@ from ..training import MeanEnsemble, evaluate, make_accelerator
 from ..training.checkpoint import CheckpointDir
 from . import report
 from .context import SeedContext
-from .observers import Observer, Printer, SaveStudents, Timer, TrackTestScores
+from .observers import Observer, Printer, SaveNetworks, Timer, TrackTestScores
 from .protocol import SeedData, depends_on_seed, load_seed_data, probe_model
 from .recipe import RecipeConfig
 from .strategies import Strategy, Trained, strategies_for
@@ -127,7 +127,7 @@ def run_recipe(recipe: RecipeConfig, output_dir: str | os.PathLike[str], overwri
         _write_json(out / "recipe.json", recipe.to_dict())
     if recipe.log_with:
         accelerator.init_trackers(recipe.name, config={"recipe": json.dumps(recipe.to_dict())})
-    observers = [Timer(), SaveStudents(out), Printer(), TrackTestScores()]
+    observers = [Timer(), SaveNetworks(out), Printer(), TrackTestScores()]
     checkpoints = CheckpointDir(out / "checkpoints", recipe.checkpoint_every, accelerator.is_main_process)
     runs = [
         run_seed(recipe, seed, data=loaded.get(seed, loaded[recipe.seeds[0]]), accelerator=accelerator, observers=observers,

@@ -1,11 +1,14 @@
-"""The Accelerator every stage runs under, and when Accelerate must own the optimizer step."""
+"""The Accelerator every stage runs under, when Accelerate must own the optimizer step, and work done once per run."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, DistributedType
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DataLoaderConfiguration, DistributedType, broadcast_object_list
 
 from ..errors import ConfigError
 
@@ -50,3 +53,23 @@ def optimizer_needs_accelerate(accelerator: Accelerator) -> bool:
     """
     plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
     return accelerator.scaler is not None or accelerator.distributed_type not in plain
+
+
+T = TypeVar("T")
+
+
+def on_main_process(work: Callable[[], T]) -> T:
+    """``work()`` on the main process only (a Hub push, a printed table); every process returns its result or raises
+    its error, so under ``accelerate launch`` a side effect happens once and all processes agree on the outcome."""
+    state = PartialState()
+    outcome: list = [None, None]
+    if state.is_main_process:
+        try:
+            outcome[0] = work()
+        except Exception as e:  # noqa: BLE001 (re-raised below, on every process)
+            outcome[1] = e
+    if state.num_processes > 1:
+        broadcast_object_list(outcome, from_process=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]

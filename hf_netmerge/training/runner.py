@@ -143,23 +143,25 @@ def train_stage(
     if compiling and not is_compiled_module(train_model):
         train_model = torch.compile(train_model, mode=compile_mode, dynamic=False)
     full_batch: int | None = None
-    bar = tqdm(
-        range(start_epoch, stage.epochs),
+    batches = len(train_loader)
+    bar = tqdm(  # counts batches, so a long epoch moves; None: no bar when stderr is not a terminal
         desc=name,
+        unit="batch",
         leave=False,
-        initial=start_epoch,
-        total=stage.epochs,
-        disable=not (progress and accelerator.is_local_main_process),
+        initial=start_epoch * batches,
+        total=stage.epochs * batches,
+        disable=None if progress and accelerator.is_local_main_process else True,
     )
     start = time.perf_counter()
     train_model.train()
-    for epoch in bar:
+    for epoch in range(start_epoch, stage.epochs):
         epoch_start = time.perf_counter()
         _set_epoch(loader, epoch)
         losses: list[torch.Tensor] = []  # no host sync per step: read once at the end of the epoch
         sizes: list[int] = []
         warmup_seconds, warmup_samples = 0.0, 0
         for inputs, targets in train_loader:
+            bar.update()
             if compiling and full_batch is not None and len(targets) != full_batch:
                 continue
             if channels_last and inputs.dim() == 4:
@@ -212,11 +214,12 @@ def train_stage(
         report.history.append(entry)
         report.samples += seen
         accelerator.log({f"{name}/{k}": v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
-        bar.set_postfix(loss=f"{epoch_loss:.4g}")
+        bar.set_postfix(epoch=f"{epoch + 1}/{stage.epochs}", loss=f"{epoch_loss:.4g}", samples_s=f"{entry['samples_per_second']:.0f}")
         if checkpoint is not None and checkpoint.due(epoch + 1, stage.epochs):
             accelerator.wait_for_everyone()
             checkpoint.save(epoch + 1, _stage_state(model, optimizers, scheduler, regularizer, loader, report))
     report.seconds += time.perf_counter() - start
+    bar.close()
     accelerator.unwrap_model(train_model, keep_fp32_wrapper=False)
     accelerator.free_memory()
     if channels_last:

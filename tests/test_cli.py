@@ -1,0 +1,46 @@
+"""Command-line habits: thread count, a training subset, progress output that suits a log file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from timm.models._hub import save_for_hf
+
+import hf_netmerge as hm
+from hf_netmerge.cli import _recipe, build_parser, main
+from hf_netmerge.config import StageConfig
+from hf_netmerge.data import TensorBatchDataset, make_loader
+from hf_netmerge.training import make_accelerator, train_stage
+
+from conftest import make_teacher
+
+
+def test_merge_takes_threads_and_the_first_n_training_examples(tmp_path, monkeypatch):
+    for i in range(2):
+        save_for_hf(make_teacher("netmerge_sine_mlp", {}, i), tmp_path / f"t{i}", safe_serialization=True)
+    args = ["merge", str(tmp_path / "t0"), str(tmp_path / "t1"), "--dataset", "sine", "--output-dir", str(tmp_path / "out"),
+            "--threads", "2", "--max-train-samples", "300", "--set", "gate_epochs=1", "--set", "finetune_epochs=1", "--no-progress"]
+    calls: list[int] = []  # recorded, not applied: a pool of 2 threads here would hang the forked workers of later tests
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert main(args) == 0
+    assert calls == [2]
+    record = json.loads((tmp_path / "out" / "netmerge_config.json").read_text())
+    assert [stage["samples"] for stage in record["stages"]] == [300, 300]  # one epoch each over the first 300 examples
+
+
+def test_run_takes_threads_and_bad_counts_are_refused():
+    parser = build_parser()
+    assert _recipe(parser.parse_args(["run", "sine", "--threads", "3"])).threads == 3
+    assert _recipe(parser.parse_args(["run", "sine", "threads=2", "--threads", "3"])).threads == 2  # overrides win over flags
+    for bad in (["run", "sine", "--threads", "0"], ["merge", "a", "b", "--dataset", "sine", "--output-dir", "o", "--max-train-samples", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_progress_bars_stay_out_of_a_log_file(capsys):
+    data = TensorBatchDataset(torch.randn(64, 1), torch.randn(64, 1))
+    train_stage(hm.models.MLP(hidden_sizes=(4,)), make_loader(data, 16, shuffle=True), StageConfig(epochs=2), task="regression",
+                accelerator=make_accelerator("no"), name="stage", progress=True)
+    assert capsys.readouterr().err == ""  # stderr is captured, not a terminal: no carriage-return bars
