@@ -307,25 +307,26 @@ def _load_hub(ref: str) -> tuple[nn.Module, TeacherInfo]:
     return _load_dir(config_path.parent, "hf-hub", repo_id, commit)
 
 
-def timm_config(model: nn.Module, label_names: list[str] | None = None, preprocessing: Preprocessing | None = None) -> dict[str, Any]:
-    """timm's ``config.json`` for ``model``, with ``num_classes`` kept out of ``model_args``, and the ``preprocessing``
-    its inputs went through in ``pretrained_cfg`` (so ``timm.data.resolve_data_config({}, model=reloaded)`` gives it).
+def _timm_layout(model: nn.Module, folder: Path, label_names: list[str] | None, preprocessing: Preprocessing | None) -> None:
+    """``config.json`` and ``model.safetensors`` of ``model`` in ``folder``, through timm's public ``save_for_hf``; the
+    config then keeps ``num_classes`` out of ``model_args`` and records in ``pretrained_cfg`` the ``preprocessing`` its
+    inputs went through (so ``timm.data.resolve_data_config({}, model=reloaded)`` gives it), and the weights are
+    rewritten as contiguous tensors with safetensors' ``format: pt`` metadata; both files are fsynced.
 
     (transformers' timm wrapper passes ``num_classes`` itself and fails when ``model_args`` repeats it.)
     """
-    from timm.models._hub import save_config_for_hf
+    from timm.models import save_for_hf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CONFIG_NAME
-        # A Path: timm 1.0.20-1.0.29 call config_path.open() (a str raises AttributeError there); 1.0.31 takes either.
-        save_config_for_hf(model, path, model_config={"label_names": label_names} if label_names else None)
-        config = json.loads(path.read_text())
+    save_for_hf(model, folder, model_config={"label_names": label_names} if label_names else None, safe_serialization=True)
+    config = json.loads((folder / CONFIG_NAME).read_text())
     config.get("model_args", {}).pop("num_classes", None)
     if not config.get("model_args"):
         config.pop("model_args", None)
     if preprocessing is not None:
         config["pretrained_cfg"] = {**config.get("pretrained_cfg", {}), **preprocessing.to_dict()}
-    return config
+    _write(folder / CONFIG_NAME, json.dumps(config, indent=2))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _write(folder / WEIGHTS_NAME, safetensors.torch.save(state, metadata={"format": "pt"}))
 
 
 def _write(path: Path, data: bytes | str) -> None:
@@ -352,9 +353,7 @@ def save_network(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        _write(tmp / CONFIG_NAME, json.dumps(timm_config(model, label_names, preprocessing), indent=2))
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        _write(tmp / WEIGHTS_NAME, safetensors.torch.save(state, metadata={"format": "pt"}))
+        _timm_layout(model, tmp, label_names, preprocessing)
         for name, text in (extra_files or {}).items():
             _write(tmp / name, text)
         if target.exists():
