@@ -38,6 +38,15 @@ def test_demo_refuses_bad_flags_with_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_demo_without_matplotlib_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    assert main(["demo", "--seeds", "1", "--output-dir", str(tmp_path / "demo")]) == 2
+    assert "hf_netmerge[plots]" in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
 def test_python_dash_m_is_the_same_program():
     done = subprocess.run([sys.executable, "-m", "hf_netmerge", "demo", "--help"], capture_output=True, text=True, check=True)
     assert "--epochs-scale" in done.stdout and "--first-seed" in done.stdout

@@ -10,6 +10,7 @@ learned curves, progress lines.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from ..data import SINE_TEST_SIZE, SINE_TRAIN_SIZE, SINE_VAL_SIZE, TensorBatchDataset
+from ..errors import ConfigError
 from ..training import make_accelerator
 from . import report
 from .observers import Curves, Printer, Timer
@@ -71,6 +73,8 @@ def plot_curves(curves: dict[str, list[torch.Tensor]], grid: torch.Tensor, data:
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run every seed, write ``results.json``, the plot and the first seed's student; returns the results."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("the demo draws its plot with matplotlib, an extra: pip install 'hf_netmerge[plots]'")
     torch.set_num_threads(cfg.threads)
     accelerator = make_accelerator("no")
     recipe = cfg.recipe()
