@@ -42,7 +42,7 @@ from .training import (
 from .training.checkpoint import CheckpointDir
 from .validation import check_output_dir, check_teachers
 
-RECORD_VERSION = 3  # 2: the record names its datasets (the card is rendered from it); 3: and the preprocessing
+RECORD_VERSION = 4  # 2: the record names its datasets (the card is rendered from it); 3: and the preprocessing; 4: its license
 
 
 def concatenate(teacher_a: nn.Module, teacher_b: nn.Module) -> nn.Module:
@@ -85,10 +85,15 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """Where the student is saved at the end (timm layout + model card); an existing ``directory`` needs ``overwrite``."""
+    """Where the student is saved at the end (timm layout + model card); an existing ``directory`` needs ``overwrite``.
+
+    ``license`` and ``datasets`` go into the card's metadata; by default the license both teachers' cards declare
+    (none when they differ or say nothing) and the training data's Hub name, when it has one."""
 
     directory: str | os.PathLike[str]
     overwrite: bool = False
+    license: str | None = None
+    datasets: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,7 @@ class MergeResult:
     final_lambda: float
     function_gap: dict[str, float] = field(default_factory=dict)
     dataset_names: list[str] = field(default_factory=list)
+    license: str | None = None
     label_names: list[str] | None = None
     preprocessing: Preprocessing | None = None
 
@@ -137,6 +143,7 @@ class MergeResult:
             "version": RECORD_VERSION,
             "architecture": self.architecture,
             "datasets": self.dataset_names,
+            "license": self.license,
             "preprocessing": self.preprocessing.to_dict() if self.preprocessing is not None else None,
             "merge_config": self.config.to_dict(),
             "teachers": [t.to_dict() for t in self.teachers],
@@ -217,6 +224,11 @@ def _check_teacher_reads(teacher: nn.Module, data: Dataset, task: str) -> None:
         ) from e
     finally:
         teacher.train(was_training)
+
+
+def _shared_license(a: TeacherInfo, b: TeacherInfo) -> str | None:
+    """The license both teachers' cards declare; None when either says nothing or they differ (the user decides)."""
+    return a.license if a.license is not None and a.license == b.license else None
 
 
 def _dataset_name(data: Any) -> list[str]:
@@ -333,7 +345,8 @@ def merge_models(
         stages=stages,
         final_lambda=final_lambda,
         function_gap=gap,
-        dataset_names=_dataset_name(train_data),
+        dataset_names=output.datasets if output is not None and output.datasets else _dataset_name(train_data),
+        license=output.license if output is not None and output.license else _shared_license(info_a, info_b),
         label_names=_label_names(train_data, config.label_column),
         preprocessing=preprocessing,
     )

@@ -81,6 +81,7 @@ def render_card(record: dict[str, Any]) -> str:
     results = eval_results(record)
     architecture, cfg, metrics = record["architecture"], record["merge_config"], record["metrics"]
     data = ModelCardData(
+        license=record.get("license"),
         library_name="timm",
         tags=["hf_netmerge", "model-merging", "timm", cfg["task"]],
         base_model=hub_ids or None,

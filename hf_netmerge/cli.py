@@ -62,6 +62,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     from .api import LoadOptions, OutputOptions, RunOptions, merge_models
     from .data import first_examples, load_data
+    from .data.named import hub_dataset_id
     from .hub import push_folder
     from .training import on_main_process
     from .validation import check_output_dir
@@ -79,7 +80,8 @@ def _merge(args: argparse.Namespace) -> int:
         data.eval,
         config,
         load=LoadOptions(architecture=args.architecture, allow_pickle=args.allow_pickle),
-        output=OutputOptions(args.output_dir, overwrite=args.overwrite),
+        output=OutputOptions(args.output_dir, overwrite=args.overwrite, license=args.license,
+                             datasets=[hub_id] if (hub_id := hub_dataset_id(args.dataset)) else None),
         run=RunOptions(progress=not args.no_progress),
     )
     main_process = PartialState().is_main_process  # under accelerate launch, one table and one push
@@ -192,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-pickle", action="store_true", help="read pickle teachers with torch.load(weights_only=True)")
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the student to this Hub repo in one commit")
     merge.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    merge.add_argument("--license", help="the student card's license (default: the one both teachers' cards declare)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     merge.add_argument("--no-progress", action="store_true", help="no progress bars")
     merge.set_defaults(func=_merge)

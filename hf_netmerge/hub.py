@@ -7,6 +7,7 @@ reader finds either nothing or a complete student.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
+import yaml
 from torch import nn
 
 from .adapters import architecture_name
@@ -54,13 +56,15 @@ _SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024
 
 @dataclass(frozen=True)
 class TeacherInfo:
-    """Where a teacher came from: ``source`` is ``module``, ``local-dir`` or ``hf-hub``."""
+    """Where a teacher came from: ``source`` is ``module``, ``local-dir`` or ``hf-hub``; ``license``: what the model card
+    beside its weights (``README.md``) declares, if any."""
 
     source: str
     architecture: str
     reference: str | None = None
     revision: str | None = None
     sha256: str | None = None
+    license: str | None = None
 
     @property
     def hub_id(self) -> str | None:
@@ -192,8 +196,22 @@ def _load_dir(
     except (RuntimeError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{reference}: cannot build the model from {CONFIG_NAME}: {e}") from e
     _load_state(model, state, reference)
-    info = TeacherInfo(source, architecture_name(model), reference, revision, _sha256(weights_path))
+    info = TeacherInfo(source, architecture_name(model), reference, revision, _sha256(weights_path), _card_license(directory))
     return model, info
+
+
+def _card_license(directory: Path) -> str | None:
+    """The license that the model card in ``directory`` declares in its metadata (None without a readable card)."""
+    from huggingface_hub import ModelCard
+
+    path = directory / CARD_NAME
+    if not path.is_file():
+        return None
+    try:
+        license_id = ModelCard.load(path).data.license
+    except (ValueError, yaml.YAMLError):
+        return None
+    return license_id if isinstance(license_id, str) else None
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], reference: str) -> None:
@@ -296,6 +314,8 @@ def _load_hub(ref: str) -> tuple[nn.Module, TeacherInfo]:
             ) from e
         commit = config_path.parent.name
         hf_hub_download(repo_id, WEIGHTS_NAME, revision=commit, local_files_only=cache_only)
+        with contextlib.suppress(hub_errors.EntryNotFoundError, hub_errors.RemoteEntryNotFoundError, hub_errors.LocalEntryNotFoundError):
+            hf_hub_download(repo_id, CARD_NAME, revision=commit, local_files_only=cache_only)  # for its license, when it has one
     except UnreachableReferenceError:
         raise
     except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, hub_errors.LocalEntryNotFoundError,

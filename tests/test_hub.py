@@ -204,6 +204,25 @@ def test_two_processes_print_and_push_once(hub, data, tmp_path):
     assert len(hub.state.commits("user/two")) == 2  # the repo's initial commit + exactly one
 
 
+def test_the_card_takes_the_teachers_license_and_names_the_dataset(hub, tmp_path):
+    for i, license_id in enumerate(("mit", "mit", "apache-2.0")):
+        folder = tmp_path / f"t{i}"
+        save_for_hf(make_teacher("netmerge_lenet", {"num_classes": 10, "in_chans": 1}, i), folder, safe_serialization=True)
+        (folder / "README.md").write_text(f"---\nlicense: {license_id}\n---\n# A teacher\n")
+        push_folder(folder, f"user/licensed-{i}")
+    args = ["--dataset", "fashion_mnist", "--max-train-samples", "64", "--set", "gate_epochs=1", "--set", "finetune_epochs=0",
+            "--set", "batch_size=32", "--no-progress"]
+    assert main(["merge", "user/licensed-0", "user/licensed-1", *args, "--output-dir", str(tmp_path / "same")]) == 0
+    card = ModelCard.load(tmp_path / "same" / "README.md")
+    assert card.data.license == "mit" and card.data.datasets == ["zalando-datasets/fashion_mnist"]
+    assert {r.dataset_type for r in card.data.eval_results} == {"zalando-datasets/fashion_mnist"}
+    assert main(["merge", "user/licensed-0", str(tmp_path / "t2"), *args, "--output-dir", str(tmp_path / "differ")]) == 0
+    assert ModelCard.load(tmp_path / "differ" / "README.md").data.license is None  # the teachers disagree: nothing claimed
+    assert main(["merge", "user/licensed-0", str(tmp_path / "t2"), *args, "--output-dir", str(tmp_path / "chosen"),
+                 "--license", "apache-2.0"]) == 0
+    assert ModelCard.load(tmp_path / "chosen" / "README.md").data.license == "apache-2.0"
+
+
 def test_transformers_loads_the_student_with_the_same_logits(hub, merged, data):
     transformers = pytest.importorskip("transformers")
     merged.push_to_hub("user/for-transformers")

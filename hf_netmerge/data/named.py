@@ -18,6 +18,18 @@ HUB_ALIASES = {
 }
 
 
+# The Hub datasets that the offline copies are (for a model card's metadata).
+OFFLINE_HUB_IDS = {"fashion_mnist": "zalando-datasets/fashion_mnist", "mnist": "ylecun/mnist"}
+
+
+def hub_dataset_id(name_or_path: str) -> str | None:
+    """The Hub dataset id that ``load_data(name_or_path)`` reads or copies; None for the generated sine problem and
+    for local paths."""
+    if name_or_path == "sine" or Path(name_or_path).exists():
+        return None
+    return OFFLINE_HUB_IDS.get(name_or_path) or HUB_ALIASES.get(name_or_path, (name_or_path, None))[0]
+
+
 @dataclass(frozen=True)
 class NamedData:
     """Training and evaluation data found from a name or path, and the task it implies."""
