@@ -90,10 +90,20 @@ def test_pickle_teacher_directory_is_refused(teachers, data, tmp_path):
         hm.merge_models(tmp_path / "a", teachers[1], data[0], config=hm.MergeConfig(**FAST), run=QUIET)
 
 
-def test_bf16_merge_completes(teachers, data):
+def test_bf16_merge_trains_in_bf16_and_keeps_fp32_weights(teachers, data, monkeypatch):
+    dtypes: set[torch.dtype] = set()
+    forward = torch.nn.Conv2d.forward
+
+    def recording(self, x):
+        out = forward(self, x)
+        dtypes.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording)
     result = hm.merge_models(*teachers, data[0], data[1], hm.MergeConfig(**FAST, mixed_precision="bf16"), run=QUIET)
+    assert torch.bfloat16 in dtypes  # autocast was on: the convs computed in bf16
     assert all(p.dtype == torch.float32 for p in result.student.parameters())
-    assert result.metrics["student"]["accuracy"] >= 0
+    assert 0 <= result.metrics["student"]["accuracy"] <= 1 and result.metrics["student"]["loss"] > 0
 
 
 def test_errors_share_one_base_class():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import safetensors.torch
 import timm
 import torch
 import yaml
@@ -43,9 +44,19 @@ def test_sine_recipe_keeps_the_papers_budget():
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_small_run_completes_and_writes_results(tmp_path, precision):
+def test_small_run_completes_and_writes_results(tmp_path, precision, monkeypatch):
+    dtypes: set[torch.dtype] = set()
+    forward = torch.nn.Linear.forward
+
+    def recording(self, x):
+        out = forward(self, x)
+        dtypes.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", recording)
     recipe = _sine(f"mixed_precision={precision}", "log_with=[tensorboard]")
     results = run_recipe(recipe, tmp_path / "run", progress=False)
+    assert (torch.bfloat16 in dtypes) == (precision == "bf16")  # the precision asked for is the one used
     run = results["runs"][0]
     assert run["student"] > 0 and run["one_model"] > 0 and "bo3" not in run
     assert json.loads((tmp_path / "run" / "recipe.json").read_text()) == recipe.to_dict()
@@ -79,6 +90,8 @@ def test_pruning_baseline_gives_the_teachers_architecture(tmp_path):
     })
     results = run_recipe(recipe, tmp_path / "run", progress=False)
     assert 0 <= results["runs"][0]["pruning"] <= 1 and results["summary"]["student_wins"].keys() == {"pruning"}
+    pruned = safetensors.torch.load_file(str(tmp_path / "run" / "seed0" / "pruning" / "model.safetensors"))
+    timm.create_model("netmerge_lenet", num_classes=4).load_state_dict(pruned, strict=True)  # the teachers' architecture
 
 
 def _refused(tmp_path, recipe_text: str, *overrides: str, capsys) -> str:
