@@ -306,7 +306,7 @@ def merge_models(
 
     metrics = {"teacher_a": measure(a), "teacher_b": measure(b), "ensemble": measure(MeanEnsemble(a, b))}
     metrics["big_student"] = measure(big)
-    gated = add_gates(big, config.gate_init_mean, config.gate_init_std)
+    gated = add_gates(big, config.gate_init_mean, config.gate_init_std, noise_seed=config.seed)
     regularizer = GateRegularizer(gated, config.lambda_init, config.lambda_growth, config.gate_lr)
     checkpoints = CheckpointDir(run.checkpoint_dir, run.checkpoint_every, writer=accelerator.is_main_process)
     train = functools.partial(train_stage, loader=train_loader, task=config.task, accelerator=accelerator, compile_mode=config.compile,

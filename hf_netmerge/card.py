@@ -77,7 +77,8 @@ def eval_results(record: dict[str, Any]) -> list[EvalResult]:
 
 def render_card(record: dict[str, Any]) -> str:
     """The README.md text (YAML front matter + body) from a student's record (``MergeResult.record()``, as saved)."""
-    hub_ids = [t["reference"] for t in record["teachers"] if t["source"] == "hf-hub"]
+    hub_ids = [t["reference"] if t["source"] == "hf-hub" else t["hub_origin"] for t in record["teachers"]
+               if t["source"] == "hf-hub" or t.get("hub_origin")]
     results = eval_results(record)
     architecture, cfg, metrics = record["architecture"], record["merge_config"], record["metrics"]
     data = ModelCardData(

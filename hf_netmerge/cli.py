@@ -64,7 +64,7 @@ def _merge(args: argparse.Namespace) -> int:
     from .data import first_examples, load_data
     from .data.named import hub_dataset_id
     from .hub import push_folder
-    from .training import on_main_process
+    from .training import make_accelerator, on_main_process
     from .validation import check_output_dir
 
     check_output_dir(args.output_dir, args.overwrite)
@@ -73,6 +73,11 @@ def _merge(args: argparse.Namespace) -> int:
     data = load_data(args.dataset)
     config = _merge_config(args, data.task)
     train = data.train if args.max_train_samples is None else first_examples(data.train, args.max_train_samples)
+    accelerator = None
+    if args.log_with:  # beside the output directory, which the final save replaces as a whole
+        accelerator = make_accelerator(config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+                                       log_with=args.log_with, project_dir=f"{Path(args.output_dir)}.logs")
+        accelerator.init_trackers("hf_netmerge-merge", config={"merge_config": config.to_json()})
     result = merge_models(
         args.teacher_a,
         args.teacher_b,
@@ -82,8 +87,10 @@ def _merge(args: argparse.Namespace) -> int:
         load=LoadOptions(architecture=args.architecture, allow_pickle=args.allow_pickle),
         output=OutputOptions(args.output_dir, overwrite=args.overwrite, license=args.license,
                              datasets=[hub_id] if (hub_id := hub_dataset_id(args.dataset)) else None),
-        run=RunOptions(progress=not args.no_progress),
+        run=RunOptions(accelerator=accelerator, progress=not args.no_progress),
     )
+    if accelerator is not None:
+        accelerator.end_training()
     main_process = PartialState().is_main_process  # under accelerate launch, one table and one push
     if main_process:
         for name, values in result.metrics.items():
@@ -189,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--augment", choices=["auto", "none"], help="train-time augmentation (default auto; knobs: --set augment.hflip=0)")
     merge.add_argument("--num-workers", type=int, help="DataLoader worker processes that decode images (default 0)")
     merge.add_argument("--max-train-samples", type=_positive, help="train on the first N training examples only")
+    merge.add_argument("--log-with", nargs="+", choices=["tensorboard"],
+                       help="trackers for every stage's loss, learning rate, throughput, λ and P[g>0] (under OUTPUT_DIR.logs)")
     _add_speed_flags(merge)
     merge.add_argument("--architecture", help="timm architecture of .safetensors teacher files")
     merge.add_argument("--allow-pickle", action="store_true", help="read pickle teachers with torch.load(weights_only=True)")

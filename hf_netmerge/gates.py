@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from accelerate.state import PartialState
 from torch import nn
 
 from .errors import UnsupportedModelError
@@ -70,6 +71,7 @@ class HardConcreteGate(nn.Module):
         self.size = size
         self.log_alpha = nn.Parameter(torch.empty(size, dtype=torch.float32).normal_(init_mean, init_std))
         self._sample: torch.Tensor | None = None
+        self._noise: torch.Tensor | None = None
 
     def prob_open(self) -> torch.Tensor:
         """P[g > 0] per channel."""
@@ -79,15 +81,23 @@ class HardConcreteGate(nn.Module):
         """The deterministic gate value used in eval mode."""
         return torch.clamp(torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
-    def sample(self, batch: int) -> torch.Tensor:
-        """A fresh ``(batch, size)`` draw of the stretched, clamped concrete distribution."""
-        noise = torch.empty(batch, self.size, device=self.log_alpha.device).uniform_(_EPS, 1.0 - _EPS).logit_()
+    def sample(self, batch: int, uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """A ``(batch, size)`` draw of the stretched, clamped concrete distribution from ``uniform`` noise in (0, 1)
+        (:class:`GateNoise`'s, in a :class:`GatedModel`), or from the global RNG when none is given."""
+        if uniform is None:
+            uniform = torch.rand(batch, self.size, device=self.log_alpha.device)
+        noise = (uniform * (1.0 - 2 * _EPS) + _EPS).logit()
         s = torch.sigmoid((noise + self.log_alpha) * (1.0 / BETA))
         return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
+    def set_noise(self, uniform: torch.Tensor) -> None:
+        """The uniform noise this forward pass samples from (``(batch, size)``)."""
+        self._noise = uniform
+
     def clear_sample(self) -> None:
-        """Forget this forward pass's noise sample."""
+        """Forget this forward pass's noise and sample."""
         self._sample = None
+        self._noise = None
 
     def scores(self) -> torch.Tensor:
         """Channel importance for compression: ``log_alpha``."""
@@ -98,7 +108,7 @@ class HardConcreteGate(nn.Module):
         if not self.training:
             return self.eval_value().unsqueeze(0)
         if self._sample is None:
-            self._sample = self.sample(batch)
+            self._sample = self.sample(batch, self._noise)
         return self._sample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,6 +201,47 @@ class GroupStats:
         return asdict(self)
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 tensors holding 32-bit values (products wrap; the mask keeps 32 bits)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+class GateNoise(nn.Module):
+    """The uniform noise of every hard-concrete gate in a training pass, computed as a hash of (seed, pass number,
+    the example's position in the global batch, channel) instead of drawn from an RNG.
+
+    So the noise of an example does not depend on how many processes share the batch (process ``rank`` of
+    ``world`` computes rows ``rank·b … rank·b + b − 1`` of the global batch, as Accelerate splits it), there is no
+    generator state to keep in step across processes, the pass counter is a buffer (a resumed stage continues
+    the same sequence), and ``torch.compile`` traces it into the graph.
+    """
+
+    def __init__(self, seed: int, rank: int = 0, world: int = 1) -> None:
+        super().__init__()
+        self.seed_key, self.rank, self.world = int(_fmix32(torch.tensor(seed & _MASK32))), rank, world
+        self.register_buffer("passes", torch.zeros((), dtype=torch.int64))
+
+    def next_table(self, batch: int, channels: int) -> torch.Tensor:
+        """This pass's ``(batch, channels)`` float32 uniforms in (0, 1), then the pass counter advances."""
+        device = self.passes.device
+        base = _fmix32(_fmix32(self.passes) ^ self.seed_key)
+        rows = _fmix32(base ^ (torch.arange(batch, device=device) + self.rank * batch))
+        columns = (torch.arange(channels, device=device) * 0x9E3779B1) & _MASK32
+        bits = _fmix32(rows[:, None] ^ columns[None, :]) >> 8  # 24 bits: exact in float32
+        self.passes += 1
+        return (bits.float() + 0.5) * 2.0**-24
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, world={self.world}"
+
+
 class GatedModel(nn.Module):
     """A big student with a :class:`Gate` on every channel group (see :func:`add_gates`).
 
@@ -205,6 +256,7 @@ class GatedModel(nn.Module):
         init_mean: float = 1.0,
         init_std: float = 0.01,
         make_gate: GateFactory | None = None,
+        noise_seed: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -215,11 +267,18 @@ class GatedModel(nn.Module):
             if not isinstance(gate, nn.Module) or not isinstance(gate, Gate):
                 raise UnsupportedModelError(f"the gate for group {name!r} ({type(gate).__name__}) is not an nn.Module implementing Gate")
         self.gates = nn.ModuleDict(gates)
+        state = PartialState() if PartialState._shared_state else None
+        self.noise = GateNoise(noise_seed, state.process_index if state else 0, state.num_processes if state else 1)
+        self._noisy = [gate for gate in self.gates.values() if isinstance(gate, HardConcreteGate)]
         for g in spec.groups:
             for site in g.gate_sites:
                 replace_module(model, site, GateSite(model.get_submodule(site), self.gates[g.name]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self._noisy:
+            table = self.noise.next_table(x.shape[0], sum(gate.size for gate in self._noisy))
+            for gate, uniform in zip(self._noisy, table.split([gate.size for gate in self._noisy], dim=1)):
+                gate.set_noise(uniform)
         try:
             return self.model(x)
         finally:
@@ -267,18 +326,21 @@ class GatedModel(nn.Module):
         return stats
 
 
-def add_gates(big: nn.Module, init_mean: float = 1.0, init_std: float = 0.01, *, make_gate: GateFactory | None = None) -> GatedModel:
+def add_gates(
+    big: nn.Module, init_mean: float = 1.0, init_std: float = 0.01, *, make_gate: GateFactory | None = None, noise_seed: int = 0
+) -> GatedModel:
     """Wrap a big student from :func:`~hf_netmerge.concatenate` with gates on every channel group.
 
     The big student is modified in place (its gate sites are wrapped, so ``big(x)`` is no longer the
     teachers' mean) and owned by the result. Hard-concrete ``log_alpha`` starts at N(init_mean, init_std),
-    the reference init (P[g>0] ≈ 0.93); ``make_gate(size)`` puts another kind of :class:`Gate` instead.
+    the reference init (P[g>0] ≈ 0.93); ``make_gate(size)`` puts another kind of :class:`Gate` instead. The
+    gates' training noise comes from :class:`GateNoise` keyed by ``noise_seed`` (the same for any process count).
     """
     spec = getattr(big, "netmerge_spec", None)
     if not isinstance(spec, MergeSpec):
         raise UnsupportedModelError("add_gates expects a big student made by hf_netmerge.concatenate(teacher_a, teacher_b)")
     validate_spec(big, spec, width=2)
-    return GatedModel(big, spec, init_mean, init_std, make_gate)
+    return GatedModel(big, spec, init_mean, init_std, make_gate, noise_seed)
 
 
 def remove_gates(model: nn.Module) -> nn.Module:

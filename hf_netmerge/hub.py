@@ -8,6 +8,8 @@ reader finds either nothing or a complete student.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -51,13 +53,15 @@ CONFIG_NAME = "config.json"
 MERGE_CONFIG_NAME = "netmerge_config.json"
 CARD_NAME = "README.md"
 HUB_PROBE_SECONDS = 10  # one request asking the Hub whether a repo exists
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
 _SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class TeacherInfo:
     """Where a teacher came from: ``source`` is ``module``, ``local-dir`` or ``hf-hub``; ``license``: what the model card
-    beside its weights (``README.md``) declares, if any."""
+    beside its weights (``README.md``) declares, if any; ``hub_origin``: the Hub repo a local directory's config
+    names (``pretrained_cfg.hf_hub_id``; timm's own saves leave it out, so it is there only when put there)."""
 
     source: str
     architecture: str
@@ -65,11 +69,12 @@ class TeacherInfo:
     revision: str | None = None
     sha256: str | None = None
     license: str | None = None
+    hub_origin: str | None = None
 
     @property
     def hub_id(self) -> str | None:
-        """The Hub repository id, for Hub teachers."""
-        return self.reference if self.source == "hf-hub" else None
+        """The Hub repository the weights come from: a Hub teacher's id, or a local teacher's recorded origin."""
+        return self.reference if self.source == "hf-hub" else self.hub_origin
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,7 +201,9 @@ def _load_dir(
     except (RuntimeError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{reference}: cannot build the model from {CONFIG_NAME}: {e}") from e
     _load_state(model, state, reference)
-    info = TeacherInfo(source, architecture_name(model), reference, revision, _sha256(weights_path), _card_license(directory))
+    origin = json.loads(config_path.read_text()).get("pretrained_cfg", {}).get("hf_hub_id") if source == "local-dir" else None
+    info = TeacherInfo(source, architecture_name(model), reference, revision, _sha256(weights_path), _card_license(directory),
+                       origin if isinstance(origin, str) and origin else None)
     return model, info
 
 
@@ -366,7 +373,8 @@ def save_network(
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` in timm's layout (``config.json``, ``model.safetensors``) plus ``extra_files`` (name → text),
-    atomically: a temporary directory renamed into place, so a killed save leaves nothing or everything."""
+    atomically: a complete temporary directory renamed into place, or exchanged with the existing one in a single
+    rename where the system can (Linux), so a killed save leaves the old directory or the new one, never a mix."""
     target = check_output_dir(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.*-*"):  # left by a save that was killed
@@ -376,17 +384,33 @@ def save_network(
         _timm_layout(model, tmp, label_names, preprocessing)
         for name, text in (extra_files or {}).items():
             _write(tmp / name, text)
-        if target.exists():
+        if not target.exists():
+            os.replace(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp)  # now the old student
+        else:  # two renames: a crash between them leaves the old student in .NAME.old-*/NAME and the new in .NAME.tmp-*
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.replace(target, old / target.name)
             os.replace(tmp, target)
             shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic rename (Linux ``renameat2(RENAME_EXCHANGE)``); False where the platform or
+    file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def save_student(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,17 @@ def test_merge_takes_threads_and_the_first_n_training_examples(tmp_path, monkeyp
     assert calls == [2]
     record = json.loads((tmp_path / "out" / "netmerge_config.json").read_text())
     assert [stage["samples"] for stage in record["stages"]] == [300, 300]  # one epoch each over the first 300 examples
+
+
+def test_merge_logs_every_stage_to_tensorboard_beside_the_output(tmp_path):
+    for i in range(2):
+        save_for_hf(make_teacher("netmerge_sine_mlp", {}, i), tmp_path / f"t{i}", safe_serialization=True)
+    out = tmp_path / "out"
+    assert main(["merge", str(tmp_path / "t0"), str(tmp_path / "t1"), "--dataset", "sine", "--output-dir", str(out), "--log-with",
+                 "tensorboard", "--max-train-samples", "256", "--set", "gate_epochs=2", "--set", "finetune_epochs=1", "--no-progress"]) == 0
+    events = b"".join(p.read_bytes() for p in Path(f"{out}.logs").rglob("events.out.tfevents*"))
+    assert b"gates/loss" in events and b"gates/lambda" in events and b"finetune/loss" in events
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "netmerge_config.json"]
 
 
 def test_run_takes_threads_and_bad_counts_are_refused():

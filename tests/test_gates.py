@@ -9,7 +9,18 @@ import torch
 from torch import nn
 
 import hf_netmerge as hm
-from hf_netmerge.gates import BETA, GAMMA, ZETA, GatedModel, GateRegularizer, GateSite, HardConcreteGate, LambdaSchedule, gated_relu
+from hf_netmerge.gates import (
+    BETA,
+    GAMMA,
+    ZETA,
+    GatedModel,
+    GateNoise,
+    GateRegularizer,
+    GateSite,
+    HardConcreteGate,
+    LambdaSchedule,
+    gated_relu,
+)
 from hf_netmerge.spec import ChannelGroup, Consumer, MergeSpec
 
 from conftest import ARCHITECTURES, arch_ids, input_shape, make_teacher
@@ -36,6 +47,30 @@ def test_sample_frequency_of_zero_matches_prob_open():
         gate.log_alpha.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
     draws = gate.sample(200_000)
     assert draws.min() >= 0 and draws.max() <= 1
+    torch.testing.assert_close((draws > 0).float().mean(0), gate.prob_open().detach(), atol=5e-3, rtol=0)
+
+
+def test_gate_noise_is_uniform_fresh_every_pass_and_the_same_rows_for_any_process_count():
+    table = GateNoise(seed=3).next_table(4096, 64)
+    assert table.dtype == torch.float32 and 0 < table.min() and table.max() < 1
+    assert abs(table.mean().item() - 0.5) < 0.005 and abs(table.var().item() - 1 / 12) < 0.002
+    histogram = torch.histc(table, bins=16, min=0, max=1) / table.numel()
+    assert (histogram - 1 / 16).abs().max() < 0.003
+    assert abs(torch.corrcoef(torch.stack([table[:, 0], table[:, 1]]))[0, 1].item()) < 0.05  # channels independent
+    one, two = GateNoise(seed=3), GateNoise(seed=3)
+    assert not torch.equal(one.next_table(8, 5), one.next_table(8, 5)) and int(one.passes) == 2  # a new pass, new noise
+    assert not torch.equal(two.next_table(8, 5), GateNoise(seed=4).next_table(8, 5))  # another seed, other noise
+    whole = GateNoise(seed=7).next_table(16, 5)  # one process holding the global batch of 16
+    halves = [GateNoise(seed=7, rank=r, world=2).next_table(8, 5) for r in range(2)]  # two processes holding 8 each
+    assert torch.equal(torch.cat(halves), whole)
+
+
+def test_sampling_from_gate_noise_opens_each_channel_with_prob_open():
+    gate = HardConcreteGate(4)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
+    uniform = GateNoise(seed=0).next_table(200_000, 1).expand(-1, 4)
+    draws = gate.sample(200_000, uniform)
     torch.testing.assert_close((draws > 0).float().mean(0), gate.prob_open().detach(), atol=5e-3, rtol=0)
 
 

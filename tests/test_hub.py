@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -216,8 +217,13 @@ def test_the_card_takes_the_teachers_license_and_names_the_dataset(hub, tmp_path
     card = ModelCard.load(tmp_path / "same" / "README.md")
     assert card.data.license == "mit" and card.data.datasets == ["zalando-datasets/fashion_mnist"]
     assert {r.dataset_type for r in card.data.eval_results} == {"zalando-datasets/fashion_mnist"}
+    config = json.loads((tmp_path / "t2" / "config.json").read_text())
+    config["pretrained_cfg"]["hf_hub_id"] = "org/where-t2-came-from"  # a local copy that names its Hub origin
+    (tmp_path / "t2" / "config.json").write_text(json.dumps(config))
     assert main(["merge", "user/licensed-0", str(tmp_path / "t2"), *args, "--output-dir", str(tmp_path / "differ")]) == 0
-    assert ModelCard.load(tmp_path / "differ" / "README.md").data.license is None  # the teachers disagree: nothing claimed
+    card = ModelCard.load(tmp_path / "differ" / "README.md")
+    assert card.data.license is None  # the teachers disagree: nothing claimed
+    assert card.data.base_model == ["user/licensed-0", "org/where-t2-came-from"] and card.data.base_model_relation == "merge"
     assert main(["merge", "user/licensed-0", str(tmp_path / "t2"), *args, "--output-dir", str(tmp_path / "chosen"),
                  "--license", "apache-2.0"]) == 0
     assert ModelCard.load(tmp_path / "chosen" / "README.md").data.license == "apache-2.0"

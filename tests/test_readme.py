@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -17,3 +18,19 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block.replace("/tmp/merged-sine", str(tmp_path / "merged-sine")), str(README), "exec"), namespace)
     assert namespace["student"] is not None
+
+
+def test_readme_demo_numbers_are_the_committed_demo_results():
+    text = README.read_text()
+    summary = json.loads((README.parent / "benchmarks" / "results" / "demo.json").read_text())["summary"]
+    for label, key in (("student", "student"), ("bo3", "bo3"), ("one model", "one_model")):
+        row = re.search(rf"^\| {label} \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", text, flags=re.M)
+        assert row, label
+        expected = [f"{summary[key][stat]:.4f}" for stat in ("min", "median", "mean", "max")]
+        assert list(row.groups()) == expected, label
+    wins = summary["student_wins"]
+    assert (f"The student beat bo3 in {wins['bo3']['wins']}/{wins['bo3']['seeds']} seeds and one model in "
+            f"{wins['one_model']['wins']}/{wins['one_model']['seeds']} seeds") in text
+    cpu = summary["cpu_seconds"]
+    assert (f"student {cpu['student']['median']:.1f}\n(two teachers, gate stage, fine-tune), bo3 {cpu['bo3']['median']:.1f}, "
+            f"one model {cpu['one_model']['median']:.1f}") in text

@@ -11,7 +11,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -316,29 +315,59 @@ def test_non_finite_loss_stops_with_stage_and_step_and_keeps_the_last_good_check
     assert all(torch.isfinite(p).all() for p in restored.parameters())
 
 
-SAVER = """
-import sys, torch, hf_netmerge as hm
+KILLED_SAVE = """
+import os, signal, sys
 sys.path.insert(0, {tests!r})
-from conftest import QUIET, image_dataset, make_teacher
-a, b = make_teacher("netmerge_lenet", {{"num_classes": 4}}, 0), make_teacher("netmerge_lenet", {{"num_classes": 4}}, 1)
-result = hm.merge_models(a, b, image_dataset(32, 4), None, hm.MergeConfig(gate_epochs=1, finetune_epochs=1, batch_size=16),
-                         run=hm.RunOptions(progress=False))
-print("ready", flush=True)
-while True:
-    result.save_pretrained({out!r}, overwrite=True)
+import hf_netmerge.hub as hub
+from conftest import make_teacher
+
+point, seed = {point!r}, {seed}
+writes = 0
+write, exchange = hub._write, hub._exchange
+
+def dying_write(path, data):
+    global writes
+    writes += 1
+    if point == f"write {{writes}}":
+        with open(path, "wb") as f:  # half the file, then the process dies inside the write
+            f.write((data.encode() if isinstance(data, str) else data)[: max(1, len(data) // 2)])
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(path, data)
+
+def dying_exchange(a, b):
+    if point == "before the swap":
+        os.kill(os.getpid(), signal.SIGKILL)
+    swapped = exchange(a, b)
+    if point == "after the swap":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return swapped
+
+hub._write, hub._exchange = dying_write, dying_exchange
+hub.save_network(make_teacher("netmerge_lenet", {{"num_classes": 4}}, seed), {out!r}, extra_files={{"README.md": f"seed {{seed}}"}},
+                 overwrite=True)
 """
+KILL_POINTS = ["write 1", "write 2", "write 3", "before the swap", "after the swap", "never"]
 
 
-def test_killed_saves_leave_nothing_or_a_complete_loadable_student(tmp_path):
+def _weights_sha(directory: Path) -> str:
+    return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_save_killed_inside_a_write_or_rename_leaves_the_old_student_or_the_new_one(tmp_path, point):
+    from hf_netmerge.hub import save_network
+
     out = tmp_path / "student"
-    script = SAVER.format(tests=str(Path(__file__).parent), out=str(out))
-    for delay in (0.0, 0.05, 0.13, 0.31):
-        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        assert child.stdout.readline().strip() == "ready"
-        time.sleep(delay)
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        if out.exists():
-            assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "netmerge_config.json"]
-            timm.create_model(f"local-dir:{out}", pretrained=True)
-            json.loads((out / "netmerge_config.json").read_text())
+    tests = str(Path(__file__).parent)
+    save_network(make_teacher("netmerge_lenet", LENET, 0), out, extra_files={"README.md": "seed 0"})
+    old = _weights_sha(out)
+    done = subprocess.run([sys.executable, "-c", KILLED_SAVE.format(tests=tests, point=point, seed=1, out=str(out))])
+    assert done.returncode == (0 if point == "never" else -signal.SIGKILL)  # the kill happened where it was asked for
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    new_landed = point in ("after the swap", "never")
+    assert (out / "README.md").read_text() == f"seed {int(new_landed)}" and (_weights_sha(out) == old) != new_landed
+    timm.create_model(f"local-dir:{out}", pretrained=True)  # whichever it is, it loads
+    if point.startswith("write"):  # a first save killed before its rename leaves nothing
+        fresh = tmp_path / "fresh"
+        subprocess.run([sys.executable, "-c", KILLED_SAVE.format(tests=tests, point=point, seed=1, out=str(fresh))])
+        assert not fresh.exists()

@@ -16,9 +16,8 @@ class TensorLoader:
     """Shuffled batches of a :class:`TensorBatchDataset` by tensor slicing: a DataLoader without its per-batch machinery.
 
     Each epoch draws from ``generator`` what a shuffling DataLoader draws (its iterator's base seed,
-    the permutation, and RandomSampler's empty tail permutation), so both give the same batches. It
-    costs ~10 µs a batch instead of ~65 µs, and turns into that DataLoader with :meth:`dataloader`
-    wherever Accelerate must shard or track the batches. Tensors held in GPU memory are indexed there, by a
+    the permutation, and RandomSampler's empty tail permutation), so both give the same batches; it turns
+    into that DataLoader with :meth:`dataloader` wherever Accelerate must shard or track the batches. Tensors held in GPU memory are indexed there, by a
     permutation moved once per epoch (a CPU index would cost a host-device synchronization per batch).
     """
 
