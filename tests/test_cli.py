@@ -51,8 +51,15 @@ def test_run_takes_threads_and_bad_counts_are_refused():
             parser.parse_args(bad)
 
 
-def test_progress_bars_stay_out_of_a_log_file(capsys):
+def test_a_log_file_gets_plain_lines_instead_of_bars(capsys):
     data = TensorBatchDataset(torch.randn(64, 1), torch.randn(64, 1))
     train_stage(hm.models.MLP(hidden_sizes=(4,)), make_loader(data, 16, shuffle=True), StageConfig(epochs=2), task="regression",
                 accelerator=make_accelerator("no"), name="stage", progress=True)
-    assert capsys.readouterr().err == ""  # stderr is captured, not a terminal: no carriage-return bars
+    err = capsys.readouterr().err  # stderr is captured, not a terminal
+    assert "\r" not in err and [line.split(",")[0] for line in err.splitlines()] == ["stage: epoch 1/2", "stage: epoch 2/2"]
+    train_stage(hm.models.MLP(hidden_sizes=(4,)), make_loader(data, 16, shuffle=True), StageConfig(epochs=25), task="regression",
+                accelerator=make_accelerator("no"), name="long", progress=True)
+    assert len(capsys.readouterr().err.splitlines()) == 9  # every third epoch and the last: about ten lines a stage
+    train_stage(hm.models.MLP(hidden_sizes=(4,)), make_loader(data, 16, shuffle=True), StageConfig(epochs=2), task="regression",
+                accelerator=make_accelerator("no"), name="quiet", progress=False)
+    assert capsys.readouterr().err == ""

@@ -8,6 +8,7 @@ second optimizer. The loop only trains: data, models and reports come from the c
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
@@ -144,14 +145,17 @@ def train_stage(
         train_model = torch.compile(train_model, mode=compile_mode, dynamic=False)
     full_batch: int | None = None
     batches = len(train_loader)
+    shown = progress and accelerator.is_local_main_process
     bar = tqdm(  # counts batches, so a long epoch moves; None: no bar when stderr is not a terminal
         desc=name,
         unit="batch",
         leave=False,
         initial=start_epoch * batches,
         total=stage.epochs * batches,
-        disable=None if progress and accelerator.is_local_main_process else True,
+        disable=None if shown else True,
     )
+    lines = shown and bar.disable  # a log file: a plain line every tenth of the stage instead of a bar
+    every = max(1, math.ceil(stage.epochs / 10))
     start = time.perf_counter()
     train_model.train()
     for epoch in range(start_epoch, stage.epochs):
@@ -215,6 +219,9 @@ def train_stage(
         report.samples += seen
         accelerator.log({f"{name}/{k}": v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
         bar.set_postfix(epoch=f"{epoch + 1}/{stage.epochs}", loss=f"{epoch_loss:.4g}", samples_s=f"{entry['samples_per_second']:.0f}")
+        if lines and ((epoch + 1) % every == 0 or epoch + 1 == stage.epochs):
+            print(f"{name}: epoch {epoch + 1}/{stage.epochs}, loss {epoch_loss:.4g}, {entry['samples_per_second']:.0f} samples/s",
+                  file=sys.stderr, flush=True)
         if checkpoint is not None and checkpoint.due(epoch + 1, stage.epochs):
             accelerator.wait_for_everyone()
             checkpoint.save(epoch + 1, _stage_state(model, optimizers, scheduler, regularizer, loader, report))
