@@ -346,7 +346,8 @@ def _timm_layout(model: nn.Module, folder: Path, label_names: list[str] | None, 
 
     save_for_hf(model, folder, model_config={"label_names": label_names} if label_names else None, safe_serialization=True)
     config = json.loads((folder / CONFIG_NAME).read_text())
-    config.get("model_args", {}).pop("num_classes", None)
+    config["model_args"] = {**_input_args(model), **config.get("model_args", {})}  # timm's own values win
+    config["model_args"].pop("num_classes", None)
     if not config.get("model_args"):
         config.pop("model_args", None)
     if preprocessing is not None:
@@ -354,6 +355,24 @@ def _timm_layout(model: nn.Module, folder: Path, label_names: list[str] | None, 
     _write(folder / CONFIG_NAME, json.dumps(config, indent=2))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _write(folder / WEIGHTS_NAME, safetensors.torch.save(state, metadata={"format": "pt"}))
+
+
+def _input_args(model: nn.Module) -> dict[str, Any]:
+    """The input channels and fixed image size ``model`` was built with, as ``create_model`` arguments. timm writes
+    them into ``model_args`` itself only from 1.0.31 on; before, a 1-channel model's config rebuilt a 3-channel one."""
+    args: dict[str, Any] = {}
+    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    try:
+        conv = model.get_submodule(first_conv) if first_conv else None
+    except AttributeError:
+        conv = None
+    in_chans = getattr(model, "in_chans", None) or getattr(conv, "in_channels", None)
+    if isinstance(in_chans, int) and in_chans != 3:
+        args["in_chans"] = in_chans
+    img_size = getattr(model, "img_size", None)
+    if isinstance(img_size, (int, tuple, list)):
+        args["img_size"] = list(img_size) if isinstance(img_size, (tuple, list)) else img_size
+    return args
 
 
 def _write(path: Path, data: bytes | str) -> None:

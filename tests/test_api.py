@@ -117,3 +117,19 @@ def test_saved_weights_are_safetensors_only(teachers, data, tmp_path):
     state = safetensors.torch.load_file(str(tmp_path / "s" / "model.safetensors"))
     assert set(state) == set(result.student.state_dict())
     assert not list((tmp_path / "s").glob("*.bin")) and not list((tmp_path / "s").glob("*.pth"))
+
+
+@pytest.mark.parametrize("name,kwargs,shape", [("netmerge_lenet", {"num_classes": 4, "in_chans": 1}, (2, 1, 28, 28)),
+                                               ("netmerge_lenet_bn", {"num_classes": 7, "in_chans": 1, "img_size": 32}, (2, 1, 32, 32)),
+                                               ("resnet18", {"num_classes": 5, "in_chans": 1}, (2, 1, 32, 32))],
+                         ids=["lenet", "lenet_bn_32px", "resnet18"])
+def test_saved_networks_reload_with_their_input_channels_and_size(tmp_path, name, kwargs, shape):
+    """timm before 1.0.31 left in_chans and img_size out of config.json (a 1-channel model came back with 3)."""
+    from hf_netmerge.hub import save_network
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    save_network(model, tmp_path / "saved")
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'saved'}", pretrained=True).eval()
+    x = torch.randn(shape)
+    torch.testing.assert_close(loaded(x), model(x))

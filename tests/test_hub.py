@@ -206,10 +206,12 @@ def test_two_processes_print_and_push_once(hub, data, tmp_path):
 
 
 def test_the_card_takes_the_teachers_license_and_names_the_dataset(hub, tmp_path):
+    from hf_netmerge.hub import save_network
+
     for i, license_id in enumerate(("mit", "mit", "apache-2.0")):
-        folder = tmp_path / f"t{i}"
-        save_for_hf(make_teacher("netmerge_lenet", {"num_classes": 10, "in_chans": 1}, i), folder, safe_serialization=True)
-        (folder / "README.md").write_text(f"---\nlicense: {license_id}\n---\n# A teacher\n")
+        folder = tmp_path / f"t{i}"  # 1-channel teachers: saved by hf_netmerge, whose config records in_chans on any timm
+        save_network(make_teacher("netmerge_lenet", {"num_classes": 10, "in_chans": 1}, i), folder,
+                     extra_files={"README.md": f"---\nlicense: {license_id}\n---\n# A teacher\n"})
         push_folder(folder, f"user/licensed-{i}")
     args = ["--dataset", "fashion_mnist", "--max-train-samples", "64", "--set", "gate_epochs=1", "--set", "finetune_epochs=0",
             "--set", "batch_size=32", "--no-progress"]
