@@ -71,6 +71,20 @@ def input_shape(model: torch.nn.Module, batch: int = 8) -> tuple[int, ...]:
     return (batch, getattr(model, "in_chans", 3), *getattr(model, "img_size", (32, 32)))
 
 
+def record_output_dtypes(monkeypatch: pytest.MonkeyPatch, layer: type[torch.nn.Module]) -> set[torch.dtype]:
+    """The dtypes every ``layer`` (e.g. ``nn.Conv2d``) computes in from now on: shows whether autocast was on."""
+    dtypes: set[torch.dtype] = set()
+    forward = layer.forward
+
+    def recording(self, x):
+        out = forward(self, x)
+        dtypes.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(layer, "forward", recording)
+    return dtypes
+
+
 def make_teacher(name: str, kwargs: dict, seed: int) -> torch.nn.Module:
     """A teacher with random BN affine parameters and running statistics gathered on data (not timm's defaults)."""
     torch.manual_seed(seed)

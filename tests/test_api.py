@@ -13,7 +13,7 @@ from timm.models._hub import save_for_hf
 
 import hf_netmerge as hm
 
-from conftest import QUIET, image_dataset, make_teacher
+from conftest import QUIET, image_dataset, make_teacher, record_output_dtypes
 
 FAST = dict(gate_epochs=2, finetune_epochs=1, batch_size=16, lr=0.02, gate_lr=0.2, lambda_init=0.5, lambda_growth=0.5)
 
@@ -91,15 +91,7 @@ def test_pickle_teacher_directory_is_refused(teachers, data, tmp_path):
 
 
 def test_bf16_merge_trains_in_bf16_and_keeps_fp32_weights(teachers, data, monkeypatch):
-    dtypes: set[torch.dtype] = set()
-    forward = torch.nn.Conv2d.forward
-
-    def recording(self, x):
-        out = forward(self, x)
-        dtypes.add(out.dtype)
-        return out
-
-    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording)
+    dtypes = record_output_dtypes(monkeypatch, torch.nn.Conv2d)
     result = hm.merge_models(*teachers, data[0], data[1], hm.MergeConfig(**FAST, mixed_precision="bf16"), run=QUIET)
     assert torch.bfloat16 in dtypes  # autocast was on: the convs computed in bf16
     assert all(p.dtype == torch.float32 for p in result.student.parameters())

@@ -15,7 +15,7 @@ import yaml
 from hf_netmerge.cli import main
 from hf_netmerge.experiments import RecipeConfig, load_recipe, run_recipe
 
-from conftest import image_dataset
+from conftest import image_dataset, record_output_dtypes
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "hf_netmerge" / "recipes").glob("*.yaml"))
@@ -45,15 +45,7 @@ def test_sine_recipe_keeps_the_papers_budget():
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_small_run_completes_and_writes_results(tmp_path, precision, monkeypatch):
-    dtypes: set[torch.dtype] = set()
-    forward = torch.nn.Linear.forward
-
-    def recording(self, x):
-        out = forward(self, x)
-        dtypes.add(out.dtype)
-        return out
-
-    monkeypatch.setattr(torch.nn.Linear, "forward", recording)
+    dtypes = record_output_dtypes(monkeypatch, torch.nn.Linear)
     recipe = _sine(f"mixed_precision={precision}", "log_with=[tensorboard]")
     results = run_recipe(recipe, tmp_path / "run", progress=False)
     assert (torch.bfloat16 in dtypes) == (precision == "bf16")  # the precision asked for is the one used
