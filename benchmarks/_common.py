@@ -49,7 +49,7 @@ def cache_dir(work_dir: Path, settings: dict[str, Any]) -> Path:
     return work_dir / hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_seeds(job: Callable[[int], dict[str, Any]], seeds: list[int], work_dir: Path, workers: int,
+def pool_seeds(job: Callable[[int], dict[str, Any]], seeds: list[int], work_dir: Path, workers: int,
               settings: dict[str, Any]) -> list[dict[str, Any]]:
     """``job(seed)`` for every seed not yet cached, in ``workers`` processes of one thread.
 

@@ -21,7 +21,7 @@ import functools
 import json
 from pathlib import Path
 
-from _common import RESULTS, cache_dir, command, machine, run_seeds, target_table
+from _common import RESULTS, cache_dir, command, machine, pool_seeds, target_table
 from hf_netmerge.experiments import Budgets, RecipeConfig, Timer, load_recipe, run_seed, scale_recipe
 from hf_netmerge.experiments.report import stats, summarize
 from hf_netmerge.training.checkpoint import CheckpointDir
@@ -115,7 +115,7 @@ def main() -> None:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     settings = {"recipe": recipe.to_dict()}
     checkpoints = cache_dir(args.work_dir, settings) / "checkpoints"  # keyed by the settings, like the per-seed results
-    runs = run_seeds(functools.partial(job, recipe=recipe, checkpoints=str(checkpoints)), seeds, args.work_dir, args.workers, settings)
+    runs = pool_seeds(functools.partial(job, recipe=recipe, checkpoints=str(checkpoints)), seeds, args.work_dir, args.workers, settings)
     summary = summarize(runs, ROWS, higher_is_better=True, baselines=ALTERNATIVES)
     summary["merge_macs_over_student"] = stats([r["macs"][r["merge_variant"]] / r["macs"]["student"] for r in runs])
     RESULTS.mkdir(exist_ok=True)

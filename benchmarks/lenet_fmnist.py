@@ -16,7 +16,7 @@ import functools
 import json
 from pathlib import Path
 
-from _common import RESULTS, command, machine, run_seeds, target_table
+from _common import RESULTS, command, machine, pool_seeds, target_table
 
 from hf_netmerge.experiments import Budgets, RecipeConfig, Timer, load_recipe, run_seed
 from hf_netmerge.experiments.report import markdown_table, summarize
@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, ["data.max_train_samples=20000", *args.overrides])
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    runs = run_seeds(functools.partial(job, recipe=recipe), seeds, args.work_dir, args.workers, {"recipe": recipe.to_dict()})
+    runs = pool_seeds(functools.partial(job, recipe=recipe), seeds, args.work_dir, args.workers, {"recipe": recipe.to_dict()})
     summary = summarize(runs, STRATEGIES, higher_is_better=True, baselines=STRATEGIES[1:4])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({

@@ -6,7 +6,8 @@
 (b) gate-stage epoch time over teacher epoch time; both from ``--repeats`` interleaved runs, medians.
 (c) ``concatenate`` + ``compress`` seconds for resnet18/resnet50, and the peak resident memory while
 the gate-stage model is built (``concatenate`` + ``add_gates``), over one teacher's parameter bytes.
-(d) CPU seconds of one seed of the whole sine student pipeline at ``recipes/sine.yaml``'s budget.
+(d) CPU seconds of one seed of the whole sine student pipeline at ``recipes/sine.yaml``'s budget, trained alone;
+(e) the same pipeline for ``--stacked-seeds`` seeds trained together as stacked models: seeds per CPU-minute of each.
 Writes ``speed.json``, ``speed.md`` and ``speed.png`` into ``benchmarks/results/``; a missed target says so.
 """
 
@@ -27,12 +28,13 @@ from _common import RESULTS, bar_chart, command, machine
 import hf_netmerge as hm
 from hf_netmerge.config import StageConfig
 from hf_netmerge.data import TensorBatchDataset, make_loader, sine_data
-from hf_netmerge.experiments import SeedContext, Student, load_recipe, load_seed_data
+from hf_netmerge.experiments import SeedContext, Student, load_recipe, load_seed_data, run_seeds
 from hf_netmerge.gates import GateRegularizer
 from hf_netmerge.training import make_accelerator, train_stage
 
 TARGETS = {"runner_over_plain": 0.95, "gate_over_teacher": 2.5, "resnet50_surgery_s": 1.0, "gate_model_memory": 4.5,
-           "sine_student_cpu_s": 29.0}
+           "sine_student_cpu_s": 29.0, "stacked_student_cpu_s_per_seed": 54.0}
+REFERENCE_STUDENT_CPU_S = 108.0  # the paper's reference code, same pipeline at batch 32, on this machine (DESIGN.md §4)
 
 
 def _workloads() -> dict[str, tuple[str, dict, TensorBatchDataset, str]]:
@@ -139,8 +141,25 @@ def sine_pipeline(accelerator) -> dict[str, float]:
     merged = Student.from_recipe(recipe).train(ctx).merge
     total = time.process_time() - start
     return {"student_cpu_s": total, "teachers_cpu_s": teachers_s, "teacher_samples": 2 * recipe.teacher.epochs * len(ctx.data.train),
-            **{f"{stage.stage}_wall_s": stage.seconds for stage in merged.stages},
-            **{f"{stage.stage}_samples": stage.samples for stage in merged.stages}}
+            **{f"{_role(stage.stage)}_wall_s": stage.seconds for stage in merged.stages},
+            **{f"{_role(stage.stage)}_samples": stage.samples for stage in merged.stages}}
+
+
+def _role(stage: str) -> str:
+    """``gates`` or ``finetune`` from a merge stage's name (which the experiment prefixes with its seed and strategy)."""
+    return stage.rsplit(" ", 1)[-1]
+
+
+def sine_pipeline_stacked(seeds: int) -> dict[str, float]:
+    """CPU seconds of ``seeds`` seeds of the sine student pipeline trained together as stacked models (data made first,
+    as in :func:`sine_pipeline`)."""
+    recipe = load_recipe("sine", [f"seeds={list(range(seeds))}"])
+    data = {seed: load_seed_data(recipe, seed) for seed in recipe.seeds}
+    student = Student.from_recipe(recipe)
+    start = time.process_time()
+    run_seeds(recipe, recipe.seeds, stacked=True, strategies=lambda seed: [student], data=data.__getitem__, progress=False)
+    cpu = time.process_time() - start
+    return {"seeds": seeds, "cpu_s": cpu, "cpu_s_per_seed": cpu / seeds, "seeds_per_cpu_minute": 60 * seeds / cpu}
 
 
 def markdown(results: dict, threads: int) -> str:
@@ -170,7 +189,16 @@ def markdown(results: dict, threads: int) -> str:
         lines += ["", f"(d) sine student pipeline, one seed at recipes/sine.yaml's budget: **{p['student_cpu_s']:.1f} CPU s** "
                   f"(target ≤ 29: {verdict(p['student_cpu_s'] <= TARGETS['sine_student_cpu_s'])}); teachers {p['teachers_cpu_s']:.1f} s, "
                   f"gate stage {p['gates_wall_s']:.1f} s, fine-tune {p['finetune_wall_s']:.1f} s (wall). The plain loop above would "
-                  f"need about {plain_s:.0f} s for the same epochs (batch 64), counting a gate epoch at (b)'s cost."]
+                  f"need about {plain_s:.0f} s for the same epochs at its batch-64 throughput, counting a gate epoch at (b)'s cost."]
+    if "sine_pipeline_stacked" in results:
+        p, alone = results["sine_pipeline_stacked"], results["sine_pipeline"]["student_cpu_s"]
+        target = TARGETS["stacked_student_cpu_s_per_seed"]
+        lines += ["", "| (e) sine student pipeline at recipes/sine.yaml's budget | CPU s per seed | seeds per CPU-minute |", "|---|---|---|",
+                  f"| one seed alone (d) | {alone:.1f} | {60 / alone:.2f} |",
+                  f"| {p['seeds']} seeds stacked | {p['cpu_s_per_seed']:.1f} | {p['seeds_per_cpu_minute']:.2f} |",
+                  f"| the paper's reference code, alone (DESIGN.md §4) | {REFERENCE_STUDENT_CPU_S:.0f} | {60 / REFERENCE_STUDENT_CPU_S:.2f} |", "",
+                  f"Stacked: {alone / p['cpu_s_per_seed']:.1f}× the seeds per CPU-minute of one seed alone; target ≤ {target:.0f} CPU s per "
+                  f"seed (half the reference code's): {verdict(p['cpu_s_per_seed'] <= target)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -179,7 +207,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-pipeline", action="store_true", help="leave out (d), which trains for a minute or more")
+    parser.add_argument("--skip-pipeline", action="store_true", help="leave out (d) and (e), which train for minutes")
+    parser.add_argument("--stacked-seeds", type=int, default=30, help="seeds of (e)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     accelerator = make_accelerator("no")
@@ -192,6 +221,7 @@ def main() -> None:
         results["surgery"][name] = surgery(name)
     if not args.skip_pipeline:
         results["sine_pipeline"] = sine_pipeline(accelerator)
+        results["sine_pipeline_stacked"] = sine_pipeline_stacked(args.stacked_seeds)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speed.json").write_text(json.dumps(results, indent=2))
     (RESULTS / "speed.md").write_text(markdown(results, args.threads))
@@ -203,6 +233,9 @@ def main() -> None:
         ("(c) concatenate + compress, s", {k: s["total_s"] for k, s in surgeries.items()}, TARGETS["resnet50_surgery_s"]),
         ("(c) peak memory / teacher bytes", {k: s["peak_rss_growth_over_teacher_bytes"] for k, s in surgeries.items()},
          TARGETS["gate_model_memory"]),
+        *([("(e) sine student pipelines per CPU-minute", {"one seed alone": 60 / results["sine_pipeline"]["student_cpu_s"],
+                                                         "stacked": results["sine_pipeline_stacked"]["seeds_per_cpu_minute"]}, None)]
+          if "sine_pipeline_stacked" in results else []),
     ])
     print((RESULTS / "speed.md").read_text())
 

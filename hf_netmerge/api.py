@@ -31,13 +31,15 @@ from .surgery import select_model, widen_model
 from .training import (
     DistillationLoss,
     MeanEnsemble,
+    StageJob,
     StageReport,
+    Trainer,
     evaluate,
     make_accelerator,
     on_main_process,
     predict,
     task_loss,
-    train_stage,
+    train_sequentially,
 )
 from .training.checkpoint import CheckpointDir
 from .validation import check_output_dir, check_teachers
@@ -101,13 +103,15 @@ class RunOptions:
     """How the stages run: the ``accelerator`` (one is made from the config if ``None``), progress bars, checkpoints
     under ``checkpoint_dir`` every ``checkpoint_every`` epochs (a rerun into the same directory resumes), and a
     ``stage_prefix`` for the stages' names (progress bars, tracker tags, reports), so the curves of several merges
-    logged to one tracker stay apart."""
+    logged to one tracker stay apart. ``trainer`` runs the two stages (one at a time by default; an experiment's
+    :class:`~hf_netmerge.training.StackingTrainer` stacks them with other merges')."""
 
     accelerator: Accelerator | None = None
     progress: bool = True
     checkpoint_dir: str | os.PathLike[str] | None = None
     checkpoint_every: int = 1
     stage_prefix: str = ""
+    trainer: Trainer = train_sequentially
 
 
 @dataclass
@@ -309,17 +313,10 @@ def merge_models(
     gated = add_gates(big, config.gate_init_mean, config.gate_init_std, noise_seed=config.seed)
     regularizer = GateRegularizer(gated, config.lambda_init, config.lambda_growth, config.gate_lr)
     checkpoints = CheckpointDir(run.checkpoint_dir, run.checkpoint_every, writer=accelerator.is_main_process)
-    train = functools.partial(train_stage, loader=train_loader, task=config.task, accelerator=accelerator, compile_mode=config.compile,
-                              channels_last=config.channels_last, progress=run.progress)
-    stages = [
-        train(
-            gated,
-            stage=config.gate_stage(),
-            name=f"{run.stage_prefix}gates",
-            regularizer=regularizer,
-            checkpoint=checkpoints("gates"),
-        )
-    ]
+    job = functools.partial(StageJob, loader=train_loader, task=config.task, accelerator=accelerator, compile_mode=config.compile,
+                            channels_last=config.channels_last, progress=run.progress)
+    stages = run.trainer([job(gated, stage=config.gate_stage(), name=f"{run.stage_prefix}gates", regularizer=regularizer,
+                              checkpoint=checkpoints("gates"))])
     final_lambda = stages[0].history[-1]["lambda"]
     metrics["gated_big_student"] = measure(gated)
     student = compress(gated)
@@ -331,8 +328,8 @@ def merge_models(
     if config.finetune_epochs > 0:
         distillation = (DistillationLoss(MeanEnsemble(a, b), config.task, config.distill_temperature, config.distill_alpha)
                         if config.distill_alpha > 0 else None)
-        stages.append(train(student, stage=config.finetune_stage(), name=f"{run.stage_prefix}finetune", distillation=distillation,
-                            checkpoint=checkpoints("finetune")))
+        stages += run.trainer([job(student, stage=config.finetune_stage(), name=f"{run.stage_prefix}finetune", distillation=distillation,
+                                   checkpoint=checkpoints("finetune"))])
     student.eval()
     metrics["student"] = measure(student)
     result = MergeResult(

@@ -27,6 +27,7 @@ def _demo(args: argparse.Namespace) -> int:
         epochs_scale=args.epochs_scale,
         threads=args.threads,
         output_dir=args.output_dir,
+        stacked=not args.sequential,
     )
     run_demo(cfg, progress=not args.no_progress)
     return 0
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads (default 1)")
     demo.add_argument("--output-dir", default=defaults.output_dir, help=f"where results go (default {defaults.output_dir}/)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--sequential", action="store_true",
+                      help="train the seeds one after another (default: stacked, every stage of all seeds as one model)")
     demo.set_defaults(func=_demo)
 
     merge = sub.add_parser("merge", help="merge two existing checkpoints and save (and optionally publish) the student")

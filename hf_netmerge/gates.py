@@ -138,6 +138,8 @@ class _GatedReLU(torch.autograd.Function):
     hard-concrete gate is 0 only where its clamp is saturated, which passes no gradient either way.
     """
 
+    generate_vmap_rule = True  # stacked training (torch.func.vmap) runs it per network
+
     @staticmethod
     def forward(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return torch.relu(x).mul_(g.to(x.dtype))
@@ -225,8 +227,10 @@ class GateNoise(nn.Module):
 
     def __init__(self, seed: int, rank: int = 0, world: int = 1) -> None:
         super().__init__()
-        self.seed_key, self.rank, self.world = int(_fmix32(torch.tensor(seed & _MASK32))), rank, world
+        self.rank, self.world = rank, world
         self.register_buffer("passes", torch.zeros((), dtype=torch.int64))
+        # A buffer, not an attribute, so stacked copies of a gated model (torch.func) each keep their own; not saved.
+        self.register_buffer("seed_key", _fmix32(torch.tensor(seed & _MASK32)), persistent=False)
 
     def next_table(self, batch: int, channels: int) -> torch.Tensor:
         """This pass's ``(batch, channels)`` float32 uniforms in (0, 1), then the pass counter advances."""
@@ -401,10 +405,13 @@ class GateRegularizer:
         """A fresh optimizer for :meth:`parameters`."""
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=0.0, fused=True)
 
-    def loss(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(λ·penalty, penalty) for the current step."""
-        penalty = self.gated.half_penalty()
-        return self.schedule.value * penalty, penalty
+    def penalty(self) -> torch.Tensor:
+        """The half penalty of the gated model's current gates."""
+        return self.gated.half_penalty()
+
+    def weight(self) -> float:
+        """This epoch's λ."""
+        return self.schedule.value
 
     def end_epoch(self) -> None:
         self.schedule.step()

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import timm
 import torch
 
@@ -25,11 +26,19 @@ def test_demo_writes_results_plot_and_student(tmp_path, capsys):
             assert isinstance(run[strategy], float) and run[strategy] > 0
         assert len(run["bo3_validation"]) == 3
     assert results["protocol"]["epochs_per_strategy"] == 9
+    assert results["stacked"] and results["recipe"]["batch_size"] == 32 and results["cpu_seconds"] > 0
     assert (out / "learned_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     student = timm.create_model(f"local-dir:{out / 'student'}", pretrained=True)
     assert student(torch.rand(3, 1)).shape == (3, 1)
     printed = capsys.readouterr().out
     assert "student better than bo3 in" in printed and "median" in printed
+    sequential = tmp_path / "sequential"
+    assert main(["demo", "--seeds", "2", "--first-seed", "5", "--epochs-scale", "0.01", "--output-dir", str(sequential), "--no-progress",
+                 "--sequential"]) == 0
+    alone = json.loads((sequential / "results.json").read_text())
+    assert not alone["stacked"]
+    for a, b in zip(alone["runs"], results["runs"]):  # stacked = each seed alone, to float rounding
+        assert [b[s] for s in ("student", "bo3", "one_model")] == pytest.approx([a[s] for s in ("student", "bo3", "one_model")], rel=1e-5)
 
 
 def test_demo_refuses_bad_flags_with_exit_code_2(tmp_path, capsys):

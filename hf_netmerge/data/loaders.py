@@ -36,22 +36,25 @@ class TensorLoader:
         moved.device = device
         return moved
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch_order(self) -> torch.Tensor:
+        """The next epoch's example order, drawn as a shuffling DataLoader's epoch draws it (its iterator's base seed,
+        the permutation, RandomSampler's emptied tail permutation); the identity without shuffling."""
         size = len(self.dataset)
         if self.generator is None:
-            order = torch.arange(size)
-        else:
-            torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # a DataLoader iterator's base seed
-            order = torch.randperm(size, generator=self.generator)
-        order = order.to(self.dataset.inputs.device)
-        for start in range(0, size, self.batch_size):
+            return torch.arange(size)
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        order = torch.randperm(size, generator=self.generator)
+        torch.randperm(size, generator=self.generator)
+        return order
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.epoch_order().to(self.dataset.inputs.device)
+        for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             inputs, targets = self.dataset.__getitems__(index)
             if self.device is not None:
                 inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             yield inputs, targets
-        if self.generator is not None:
-            torch.randperm(size, generator=self.generator)  # RandomSampler draws (and empties) a tail permutation
 
     def dataloader(self) -> DataLoader:
         """The equivalent DataLoader, sharing this loader's generator (so its shuffle state too)."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import StageConfig
 from ..data import make_loader, training_view
-from ..training import DistillationLoss, StageReport, evaluate, train_stage
+from ..training import DistillationLoss, StageJob, StageReport, Trainer, evaluate, train_sequentially
 from ..training.checkpoint import CheckpointDir, StageCheckpoint
 from .budget import ModelCost
 from .protocol import SeedData, derive_seed
@@ -32,7 +32,9 @@ class SeedContext:
     seed uses the same data, precision, schedule machinery and checkpoint layout.
 
     ``teachers()`` trains the two teachers once per seed (or returns the recipe's given ones), for every
-    strategy that starts from them.
+    strategy that starts from them. Every stage goes through ``trainer`` (one after another by default; a
+    :class:`~hf_netmerge.training.StackingTrainer` stacks the stages of many seeds), and the networks a strategy
+    trains independently (the teachers, bo3's members) are handed over together (:meth:`train_all`).
     """
 
     recipe: RecipeConfig
@@ -42,6 +44,7 @@ class SeedContext:
     checkpoints: CheckpointDir = field(default_factory=lambda: CheckpointDir(None))
     progress: bool = True
     given_teachers: list[nn.Module] = field(default_factory=list)
+    trainer: Trainer = train_sequentially
     _teachers: list[nn.Module] | None = field(default=None, init=False, repr=False)
     _cost: ModelCost | None = field(default=None, init=False, repr=False)
 
@@ -54,6 +57,28 @@ class SeedContext:
         set_seed(seed)
         return timm.create_model(self.recipe.architecture, **self.recipe.model_args)
 
+    def job(
+        self,
+        model: nn.Module,
+        stage: StageConfig,
+        *,
+        seed: int,
+        name: str,
+        checkpoint: StageCheckpoint | None = None,
+        distillation: DistillationLoss | None = None,
+    ) -> StageJob:
+        """One stage of ``model`` on the training set (through the recipe's train-time augmentation, drawn from
+        ``seed``), shuffled from ``seed``; with ``distillation``, against its teacher too."""
+        train = training_view(self.data.train, self.recipe.augment, seed)
+        loader = make_loader(train, self.recipe.batch_size, shuffle=True, seed=seed, num_workers=self.recipe.data.num_workers)
+        return StageJob(model, loader, stage, task=self.recipe.task, accelerator=self.accelerator, name=name, distillation=distillation,
+                        checkpoint=checkpoint, compile_mode=self.recipe.compile, channels_last=self.recipe.channels_last,
+                        progress=self.progress)
+
+    def train_all(self, jobs: list[StageJob]) -> list[StageReport]:
+        """Train independent jobs (made by :meth:`job`) through the context's trainer; their reports in order."""
+        return self.trainer(jobs)
+
     def train(
         self,
         model: nn.Module,
@@ -64,13 +89,8 @@ class SeedContext:
         checkpoint: StageCheckpoint | None = None,
         distillation: DistillationLoss | None = None,
     ) -> StageReport:
-        """One stage of :func:`~hf_netmerge.training.train_stage` on the training set (through the recipe's train-time
-        augmentation, drawn from ``seed``), shuffled from ``seed``; with ``distillation``, against its teacher too."""
-        train = training_view(self.data.train, self.recipe.augment, seed)
-        loader = make_loader(train, self.recipe.batch_size, shuffle=True, seed=seed, num_workers=self.recipe.data.num_workers)
-        return train_stage(model, loader, stage, task=self.recipe.task, accelerator=self.accelerator, name=name,
-                           distillation=distillation, checkpoint=checkpoint, compile_mode=self.recipe.compile,
-                           channels_last=self.recipe.channels_last, progress=self.progress)
+        """One network's stage (see :meth:`job`), trained by :meth:`train_all`."""
+        return self.train_all([self.job(model, stage, seed=seed, name=name, checkpoint=checkpoint, distillation=distillation)])[0]
 
     @property
     def teachers_trained(self) -> bool:
@@ -80,14 +100,15 @@ class SeedContext:
     def teachers(self) -> list[nn.Module]:
         """The two teachers (eval mode): the recipe's given checkpoints, or trained here once, from derived seeds."""
         if self._teachers is None:
-            self._teachers = list(self.given_teachers) or [self._train_teacher(ab, offset) for ab, offset in zip("ab", TEACHER_OFFSETS)]
+            self._teachers = list(self.given_teachers) or self._train_teachers()
         return self._teachers
 
-    def _train_teacher(self, ab: str, offset: int) -> nn.Module:
-        seed = derive_seed(self.seed, offset)
-        model = self.create(seed)
-        self.train(model, self.recipe.teacher, seed=seed, name=self.label(f"teacher {ab}"), checkpoint=self.checkpoints(f"teacher_{ab}"))
-        return model.eval()
+    def _train_teachers(self) -> list[nn.Module]:
+        seeds = [derive_seed(self.seed, offset) for offset in TEACHER_OFFSETS]
+        models = [self.create(seed) for seed in seeds]
+        self.train_all([self.job(model, self.recipe.teacher, seed=seed, name=self.label(f"teacher {ab}"),
+                                 checkpoint=self.checkpoints(f"teacher_{ab}")) for model, seed, ab in zip(models, seeds, "ab")])
+        return [model.eval() for model in models]
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """``model``'s metrics on the validation set (the only data a strategy may choose on)."""

@@ -4,8 +4,9 @@ Per seed, every strategy sees the same 10k training set; bo3 picks its model on 
 validation set; all are scored on a fixed 10k test set (:mod:`~hf_netmerge.experiments.protocol`). At
 ``epochs_scale=1`` each strategy gets the paper's 900 epochs: the student 300+300 (teachers) + 150
 (gates) + 150 (fine-tune), bo3 3×300, one model 900, with the paper's learning-rate drops (×0.1
-after 250/300, 100/150 and 800/900). The demo is :func:`run_seed` with observers: timings, the
-learned curves, progress lines.
+after 250/300, 100/150 and 800/900), batch 32. The demo is :func:`run_seeds` with observers (the learned curves,
+progress lines), stacked by default: every stage of all seeds trains as one stacked model, which gives each network
+what it gets alone, to float rounding, in a fraction of the time.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from ..data import SINE_TEST_SIZE, SINE_TRAIN_SIZE, SINE_VAL_SIZE, TensorBatchDa
 from ..errors import ConfigError
 from ..training import make_accelerator
 from . import report
-from .observers import Curves, Printer, Timer
+from .observers import Curves, Printer
 from .protocol import load_seed_data
 from .recipe import RecipeConfig, load_recipe, scale_recipe
-from .run import run_seed
+from .run import run_seeds
 
 STRATEGIES = ("student", "bo3", "one_model")
 
@@ -41,6 +42,7 @@ class DemoConfig:
     epochs_scale: float = 0.3
     threads: int = 1
     output_dir: str = "demo_output"
+    stacked: bool = True
 
     def recipe(self) -> RecipeConfig:
         """The packaged ``sine`` recipe for these seeds, every stage's epochs times ``epochs_scale``."""
@@ -80,16 +82,15 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     recipe = cfg.recipe()
     out = Path(cfg.output_dir)
     grid = torch.linspace(0, 1, 500)
-    observers = [Timer(), Curves(grid), Printer()]
-    runs, curves, first = [], {name: [] for name in STRATEGIES}, None
-    start = time.perf_counter()
-    for seed in recipe.seeds:
-        result = run_seed(recipe, seed, accelerator=accelerator, observers=observers, progress=progress)
-        row = result.row
+    observers = [Curves(grid), Printer()]
+    runs, curves = [], {name: [] for name in STRATEGIES}
+    start = time.perf_counter(), time.process_time()
+    stacked = cfg.stacked and accelerator.num_processes == 1  # processes must run their stages in one order
+    seeds = run_seeds(recipe, recipe.seeds, stacked=stacked, accelerator=accelerator, observers=observers, progress=progress)
+    for result in seeds:
         for name in STRATEGIES:
-            curves[name].append(torch.tensor(row["curves"][name]))
-        runs.append({k: v for k, v in row.items() if k != "curves"})
-        first = first or result
+            curves[name].append(torch.tensor(result.row["curves"][name]))
+        runs.append({k: v for k, v in result.row.items() if k != "curves"})
     summary = report.summarize(runs, [*STRATEGIES, "teacher_a", "teacher_b", "ensemble"], higher_is_better=False,
                                baselines=["bo3", "one_model"])
     results = {
@@ -105,17 +106,20 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
             "bo3_selection": "validation set",
             "same_training_set_for_all_strategies": True,
         },
-        "seconds": time.perf_counter() - start,
+        "seconds": time.perf_counter() - start[0],
+        "cpu_seconds": time.process_time() - start[1],
+        "stacked": stacked,
     }
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         plot_curves(curves, grid, load_seed_data(recipe, recipe.seeds[0]).train, out / "learned_curves.png")
-        first.trained["student"].merge.save_pretrained(out / "student", overwrite=True)
+        seeds[0].trained["student"].merge.save_pretrained(out / "student", overwrite=True)
         tmp = out / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
         tmp.replace(out / "results.json")
         print(report.text_table(summary, list(STRATEGIES), "MSE"), flush=True)
-        print(f"wrote {out / 'results.json'}, {out / 'learned_curves.png'} and {out / 'student'} in {results['seconds']:.0f}s")
+        print(f"wrote {out / 'results.json'}, {out / 'learned_curves.png'} and {out / 'student'} in {results['seconds']:.0f}s "
+              f"({results['cpu_seconds']:.0f} CPU s{', stacked' if stacked else ''})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

@@ -70,6 +70,14 @@ class Printer(Observer):
             print(f"seed {ctx.seed}: test {ctx.recipe.metric} {listed}", flush=True)
 
 
+class ValidationScores(Observer):
+    """Each strategy's final network scored on the validation set, as ``validation[<strategy>]``: what a choice
+    between runs (of batch sizes, of settings) may be made on, never the test set."""
+
+    def on_strategy_end(self, ctx: SeedContext, strategy: Strategy, trained: Trained, row: dict[str, Any]) -> None:
+        row.setdefault("validation", {})[strategy.name] = ctx.validate(trained.model)[ctx.recipe.metric]
+
+
 class Curves(Observer):
     """Each strategy's predictions on a 1-d input ``grid`` (the learned functions of the sine problem, the paper's Fig. 10)."""
 

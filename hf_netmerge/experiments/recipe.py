@@ -115,7 +115,8 @@ class RecipeConfig(TypedConfig):
 
     What every strategy shares (task, batch size, precision, compilation and memory format, the data's columns and
     image size, the train-time ``augment``) is set once here; the ``merge:`` section is the method's
-    :class:`~hf_netmerge.config.MergeSchedule`.
+    :class:`~hf_netmerge.config.MergeSchedule`. ``stacked`` trains all seeds together, each stage as one stacked model
+    (:func:`~hf_netmerge.experiments.run_seeds`): for small models, fp32, one process, no checkpoints.
     """
 
     name: str = "experiment"
@@ -141,6 +142,7 @@ class RecipeConfig(TypedConfig):
     distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint_every: int = 1
     log_with: list[str] = field(default_factory=list)
+    stacked: bool = False
     version: int = CONFIG_VERSION
 
     @classmethod
@@ -159,6 +161,9 @@ class RecipeConfig(TypedConfig):
         require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
         require(len(set(self.baselines)) == len(self.baselines), f"baselines repeat: {self.baselines}")
         require(set(self.log_with) <= {"tensorboard"}, f"log_with supports 'tensorboard', got {self.log_with}")
+        require(not self.stacked or (self.mixed_precision == "no" and self.compile == "no" and not self.channels_last
+                                     and self.gradient_accumulation_steps == 1),
+                "stacked: true trains fp32, eager, in the default memory format, without gradient accumulation")
 
     @property
     def metric(self) -> str:

@@ -1,17 +1,35 @@
 """Below the pipeline: the one stage runner, its checkpoints and the accelerator setup. Nothing here imports the pipeline."""
 
 from .accelerator import make_accelerator, on_main_process
-from .runner import DistillationLoss, MeanEnsemble, StageReport, evaluate, predict, recalibrate_norms, task_loss, train_stage
+from .runner import (
+    DistillationLoss,
+    MeanEnsemble,
+    StageJob,
+    StageReport,
+    Trainer,
+    evaluate,
+    predict,
+    recalibrate_norms,
+    task_loss,
+    train_sequentially,
+    train_stage,
+)
+from .stacked import StackingTrainer, train_stacked
 
 __all__ = [
     "DistillationLoss",
     "MeanEnsemble",
+    "StackingTrainer",
+    "StageJob",
     "StageReport",
+    "Trainer",
     "evaluate",
     "make_accelerator",
     "on_main_process",
     "predict",
     "recalibrate_norms",
     "task_loss",
+    "train_sequentially",
+    "train_stacked",
     "train_stage",
 ]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +30,19 @@ from .checkpoint import StageCheckpoint
 
 
 class Regularizer(Protocol):
-    """An extra loss term with its own parameters and per-epoch schedule (the gates' half loss)."""
+    """An extra loss term ``weight()·penalty()`` with its own parameters and per-epoch schedule (the gates' half loss).
+
+    ``penalty`` is computed from the current parameters of the model it regularizes (stacked training calls it with
+    every network's parameters swapped in); ``weight`` is a plain number that changes only at ``end_epoch``.
+    """
 
     def parameters(self) -> list[nn.Parameter]: ...
 
     def optimizer(self) -> torch.optim.Optimizer: ...
 
-    def loss(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def penalty(self) -> torch.Tensor: ...
+
+    def weight(self) -> float: ...
 
     def end_epoch(self) -> None: ...
 
@@ -175,7 +182,7 @@ def train_stage(
             with accelerator.accumulate(train_model):
                 output = train_model(inputs)
                 loss = distillation(output, inputs, targets) if distillation is not None else task_loss(task, output, targets)
-                objective = loss + regularizer.loss()[0] if regularizer is not None else loss
+                objective = loss + regularizer.weight() * regularizer.penalty() if regularizer is not None else loss
                 if direct:
                     objective.backward()
                 else:
@@ -232,6 +239,39 @@ def train_stage(
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     return report
+
+
+@dataclass
+class StageJob:
+    """One call of :func:`train_stage` as a value: what a :data:`Trainer` runs (see its arguments there)."""
+
+    model: nn.Module
+    loader: Loader
+    stage: StageConfig
+    task: str
+    accelerator: Accelerator
+    name: str
+    regularizer: Regularizer | None = None
+    distillation: DistillationLoss | None = None
+    checkpoint: StageCheckpoint | None = None
+    compile_mode: CompileMode = "no"
+    channels_last: bool = False
+    progress: bool = True
+
+    def run(self) -> StageReport:
+        """Train this job's model alone (:func:`train_stage`)."""
+        return train_stage(self.model, self.loader, self.stage, task=self.task, accelerator=self.accelerator, name=self.name,
+                           regularizer=self.regularizer, distillation=self.distillation, checkpoint=self.checkpoint,
+                           compile_mode=self.compile_mode, channels_last=self.channels_last, progress=self.progress)
+
+
+# Trains independent jobs (in any order, or together) and returns their reports in the jobs' order.
+Trainer = Callable[[Sequence[StageJob]], list[StageReport]]
+
+
+def train_sequentially(jobs: Sequence[StageJob]) -> list[StageReport]:
+    """The default :data:`Trainer`: each job alone, one after another."""
+    return [job.run() for job in jobs]
 
 
 def _synchronize(device: torch.device) -> None:

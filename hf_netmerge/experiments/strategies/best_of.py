@@ -31,11 +31,11 @@ class BestOf(StretchableStrategy):
 
     def train(self, ctx: SeedContext) -> Trained:
         checkpoints = ctx.checkpoints.sub(self.name)
-        members, reports = [], []
-        for i in range(self.k):
-            seed = derive_seed(ctx.seed, self.seed_offset) + i
-            model = ctx.create(seed)
-            reports.append(ctx.train(model, self.stage, seed=seed, name=ctx.label(f"{self.name}[{i}]"), checkpoint=checkpoints(f"member{i}")))
-            members.append(model.eval())
+        seeds = [derive_seed(ctx.seed, self.seed_offset) + i for i in range(self.k)]
+        members = [ctx.create(seed) for seed in seeds]
+        jobs = [ctx.job(model, self.stage, seed=seed, name=ctx.label(f"{self.name}[{i}]"), checkpoint=checkpoints(f"member{i}"))
+                for i, (model, seed) in enumerate(zip(members, seeds))]
+        reports = ctx.train_all(jobs)  # independent: a stacked run trains them as one model
+        members = [model.eval() for model in members]
         best, validation = ctx.pick(members)
         return Trained(members[best], reports, {f"{self.name}_validation": validation})

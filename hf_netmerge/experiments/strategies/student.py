@@ -41,7 +41,8 @@ class Student(Strategy):
     def _merge(self, ctx: SeedContext, schedule: MergeSchedule, checkpoints: CheckpointDir) -> MergeResult:
         a, b = ctx.teachers()
         run = RunOptions(accelerator=ctx.accelerator, progress=ctx.progress, checkpoint_dir=checkpoints.root,
-                         checkpoint_every=checkpoints.every, stage_prefix=ctx.label(f"{self.name} "))
+                         checkpoint_every=checkpoints.every, stage_prefix=ctx.label(f"{self.name} "),
+                         trainer=ctx.trainer)
         return merge_models(a, b, ctx.data.train, ctx.data.val, ctx.recipe.merge_config(ctx.seed, schedule), run=run)
 
     def _trained(self, ctx: SeedContext, merged: MergeResult, **record: object) -> Trained:
