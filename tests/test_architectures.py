@@ -84,7 +84,7 @@ class LayerScaled(nn.Module):
         (lambda: timm.create_model("mobilenetv2_050"), r"'blocks.0.0.conv_dw' is a grouped or depthwise"),
         (lambda: timm.create_model("regnetx_002"), r"grouped or depthwise convolution"),
         (lambda: timm.create_model("nf_resnet26"), r"ScaledStdConv2d"),
-        (lambda: timm.create_model("seresnet18"), r"layer1.0.se \(SEModule\)"),
+        (lambda: timm.create_model("seresnet18"), r"module 'layer1.0.se' \(SEModule\)"),
         (lambda: timm.create_model("densenet121"), r"op 'cat' in module 'features.denseblock1.denselayer1' \(DenseLayer\)"),
         (lambda: LayerScaled(), r"<root LayerScaled>"),
     ],

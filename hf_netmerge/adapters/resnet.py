@@ -44,7 +44,7 @@ def _conv_norm(module: nn.Sequential, prefix: str) -> tuple[str, str]:
     convs = [f"{prefix}.{n}" for n, m in module.named_children() if isinstance(m, nn.Conv2d)]
     norms = [f"{prefix}.{n}" for n, m in module.named_children() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if len(convs) != 1 or len(norms) != 1:
-        raise UnsupportedModelError(f"shortcut {prefix!r} is not a conv + norm projection")
+        raise UnsupportedModelError(f"module {prefix!r} (a shortcut) is not a conv + BatchNorm projection")
     return convs[0], norms[0]
 
 
@@ -57,7 +57,7 @@ def _stem(model: nn.Module, groups: list[ChannelGroup]) -> tuple[str, str]:
     for k, i in enumerate(convs[:-1]):
         norm, act = layers[i + 1][1], layers[i + 2][1]
         if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not isinstance(act, nn.ReLU):
-            raise UnsupportedModelError(f"deep stem layer conv1.{i} is not conv → norm → ReLU")
+            raise UnsupportedModelError(f"module 'conv1.{i}' (a deep stem layer) is not followed by BatchNorm → ReLU")
         groups.append(
             ChannelGroup(
                 name=f"stem{k}",
@@ -71,26 +71,37 @@ def _stem(model: nn.Module, groups: list[ChannelGroup]) -> tuple[str, str]:
     return f"conv1.{convs[0]}", f"conv1.{convs[-1]}"
 
 
-def _block_layers(block: nn.Module) -> list[tuple[str, str, str]]:
-    """(conv, norm, act) names of a block, in order; the last triple writes into the stream."""
+def _block_layers(block: nn.Module, name: str) -> list[tuple[str, str, str]]:
+    """(conv, norm, act) names of block ``name``, in order; the last triple writes into the stream."""
     if isinstance(block, Bottleneck):
-        return [("conv1", "bn1", "act1"), ("conv2", "bn2", "act2"), ("conv3", "bn3", "act3")]
-    if isinstance(block, BasicBlock):
-        return [("conv1", "bn1", "act1"), ("conv2", "bn2", "act2")]
-    raise UnsupportedModelError(f"unsupported residual block {type(block).__name__}")
+        layers = [("conv1", "bn1", "act1"), ("conv2", "bn2", "act2"), ("conv3", "bn3", "act3")]
+    elif isinstance(block, BasicBlock):
+        layers = [("conv1", "bn1", "act1"), ("conv2", "bn2", "act2")]
+    else:
+        raise UnsupportedModelError(f"module {name!r} ({type(block).__name__}) is not a residual block the ResNet adapter knows")
+    for _, norm, _ in layers:
+        _check_norm(getattr(block, norm), f"{name}.{norm}")
+    return layers
+
+
+def _check_norm(norm: nn.Module, name: str) -> None:
+    """The adapter splits BatchNorm channel by channel; other norms (GroupNorm: resnet50_gn) are refused by name."""
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        raise UnsupportedModelError(f"module {name!r} ({type(norm).__name__}) is not a BatchNorm; the ResNet adapter merges BatchNorm only")
 
 
 def _check_block(block: nn.Module, name: str) -> None:
     for attr in ("se", "aa"):
         sub = getattr(block, attr, None)
         if sub is not None and not isinstance(sub, nn.Identity):
-            raise UnsupportedModelError(f"{name}.{attr} ({type(sub).__name__}) is not supported by the ResNet adapter")
+            raise UnsupportedModelError(f"module '{name}.{attr}' ({type(sub).__name__}) is not supported by the ResNet adapter")
 
 
 @register_adapter(ResNet, CifarResNet)
 def resnet_spec(model: nn.Module) -> MergeSpec:
     groups: list[ChannelGroup] = []
     input_layer, stem_out = _stem(model, groups)
+    _check_norm(model.bn1, "bn1")
     stream = _Stream("stream0", model.bn1.num_features)
     stream.producers.append(stem_out)
     stream.norms.append("bn1")
@@ -100,7 +111,7 @@ def resnet_spec(model: nn.Module) -> MergeSpec:
         for index, block in enumerate(getattr(model, stage)):
             prefix = f"{stage}.{index}"
             _check_block(block, prefix)
-            layers = _block_layers(block)
+            layers = _block_layers(block, prefix)
             stream.consumers.append(f"{prefix}.{layers[0][0]}")
             if block.downsample is not None:
                 conv, norm = _conv_norm(block.downsample, f"{prefix}.downsample")
@@ -126,9 +137,9 @@ def resnet_spec(model: nn.Module) -> MergeSpec:
             stream.sites.append(f"{prefix}.{act}")
     pool = getattr(model, "global_pool", None)
     if not isinstance(pool, SelectAdaptivePool2d) or pool.pool_type not in ("avg", "max", "avgmax", "fast"):
-        raise UnsupportedModelError(f"global pooling {getattr(pool, 'pool_type', pool)!r} mixes channels; use 'avg' or 'max'")
+        raise UnsupportedModelError(f"module 'global_pool' ({getattr(pool, 'pool_type', pool)!r}) mixes channels; use 'avg' or 'max'")
     if not isinstance(model.fc, nn.Linear):
-        raise UnsupportedModelError("the ResNet has no linear classifier (num_classes=0); merging needs the head")
+        raise UnsupportedModelError("module 'fc' is not a linear classifier (num_classes=0?); merging needs the head")
     stream.consumers.append("fc")
     groups.append(stream.group())
     return MergeSpec(architecture_name(model), input_layer, "fc", tuple(groups))
