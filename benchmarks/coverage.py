@@ -60,7 +60,8 @@ def _teacher(name: str, seed: int) -> torch.nn.Module:
     for m in model.modules():
         if isinstance(m, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)) and getattr(m, "weight", None) is not None:
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-            torch.nn.init.normal_(m.bias, std=0.5)
+            if m.bias is not None:
+                torch.nn.init.normal_(m.bias, std=0.5)
     model.train()
     with torch.no_grad():
         model(_inputs(model, 4, 99))
