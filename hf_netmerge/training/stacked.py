@@ -261,7 +261,8 @@ def train_stacked(jobs: Sequence[StageJob]) -> list[StageReport | NonFiniteLossE
             for offset in range(0, size, batch):
                 inputs, targets = data.batch(members, orders[:, offset : offset + batch])
                 losses, penalties = step(params, buffers, inputs, targets)
-                (losses + weight * penalties).sum().backward() if first.regularizer is not None else losses.sum().backward()
+                objective = losses + weight * penalties if first.regularizer is not None else losses
+                objective.sum().backward()
                 stack.step(lr, stage0.momentum, stage0.weight_decay)
                 totals += losses.detach() * targets.shape[1]
                 bar.update()
