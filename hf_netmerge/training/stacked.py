@@ -261,8 +261,8 @@ def train_stacked(jobs: Sequence[StageJob]) -> list[StageReport | NonFiniteLossE
             for offset in range(0, size, batch):
                 inputs, targets = data.batch(members, orders[:, offset : offset + batch])
                 losses, penalties = step(params, buffers, inputs, targets)
-                objective = losses + weight * penalties if first.regularizer is not None else losses
-                objective.sum().backward()
+                total = losses + weight * penalties if first.regularizer is not None else losses
+                total.sum().backward()
                 stack.step(lr, stage0.momentum, stage0.weight_decay)
                 totals += losses.detach() * targets.shape[1]
                 bar.update()
