@@ -9,6 +9,7 @@ import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import timm
@@ -42,22 +43,26 @@ from .training import (
     train_sequentially,
 )
 from .training.checkpoint import CheckpointDir
-from .validation import check_output_dir, check_teachers
+from .validation import check_output_dir, check_teachers, teacher_key
 
-RECORD_VERSION = 4  # 2: the record names its datasets (the card is rendered from it); 3: and the preprocessing; 4: its license
+RECORD_VERSION = 5  # 2: the record names its datasets (the card is rendered from it); 3: and the preprocessing; 4: its license;
+# 5: any number of teachers (gate_stats' kept_per_teacher), gate units and exact_compression
 
 
-def concatenate(teacher_a: nn.Module, teacher_b: nn.Module) -> nn.Module:
-    """The double-width big student; in eval mode it computes exactly ``(teacher_a(x) + teacher_b(x)) / 2``.
+def concatenate(teacher_a: nn.Module, teacher_b: nn.Module, *more: nn.Module) -> nn.Module:
+    """The k-wide big student of k ≥ 2 teachers; in eval mode it computes exactly their mean, ``(a(x) + b(x)) / 2`` for two.
 
     The first layer shares the input, middle layers are block-diagonal with zero cross terms,
-    BatchNorm running statistics are concatenated, and the head averages both teachers. The
-    teachers' spec is kept on the result as ``netmerge_spec`` for :func:`add_gates`.
+    norm statistics are concatenated, grouped convolutions get k times the groups, and the head
+    averages the teachers. The teachers' spec and count are kept on the result as ``netmerge_spec``
+    and ``netmerge_teachers`` for :func:`add_gates`.
     """
-    check_teachers(teacher_a, teacher_b)
+    teachers = [teacher_a, teacher_b, *more]
+    check_teachers(*teachers)
     spec = resolve_spec(teacher_a)
-    big = widen_model(teacher_a, teacher_b, spec)
+    big = widen_model(teachers, spec)
     big.netmerge_spec = spec
+    big.netmerge_teachers = len(teachers)
     return big
 
 
@@ -71,7 +76,7 @@ def compress(gated: GatedModel) -> nn.Module:
         raise UnsupportedModelError("compress expects the GatedModel returned by hf_netmerge.add_gates")
     with gates_removed(gated) as big:
         student = select_model(big, gated.spec, gated.keep_indices())
-    del student.netmerge_spec
+    del student.netmerge_spec, student.netmerge_teachers
     return student
 
 
@@ -123,7 +128,7 @@ class MergeResult:
     metrics: dict[str, dict[str, float]]
     config: MergeConfig
     spec: MergeSpec
-    teachers: tuple[TeacherInfo, TeacherInfo]
+    teachers: tuple[TeacherInfo, ...]
     stages: list[StageReport]
     final_lambda: float
     function_gap: dict[str, float] = field(default_factory=dict)
@@ -230,9 +235,10 @@ def _check_teacher_reads(teacher: nn.Module, data: Dataset, task: str) -> None:
         teacher.train(was_training)
 
 
-def _shared_license(a: TeacherInfo, b: TeacherInfo) -> str | None:
-    """The license both teachers' cards declare; None when either says nothing or they differ (the user decides)."""
-    return a.license if a.license is not None and a.license == b.license else None
+def _shared_license(infos: tuple[TeacherInfo, ...]) -> str | None:
+    """The license every teacher's card declares; None when one says nothing or they differ (the user decides)."""
+    licenses = {info.license for info in infos}
+    return licenses.pop() if len(licenses) == 1 else None
 
 
 def _dataset_name(data: Any) -> list[str]:
@@ -258,17 +264,19 @@ def merge_models(
     eval_data: Any | None = None,
     config: MergeConfig | None = None,
     *,
+    more_teachers: Sequence[nn.Module | str | os.PathLike[str]] = (),
     load: LoadOptions | None = None,
     output: OutputOptions | str | os.PathLike[str] | None = None,
     run: RunOptions | None = None,
 ) -> MergeResult:
-    """Merge two teachers of one architecture into a student of that architecture.
+    """Merge two (or, with ``more_teachers``, k) teachers of one architecture into a student of that architecture.
 
     Teachers are ``nn.Module`` s, local timm directories, Hub ids (``id@revision``) or ``.safetensors``
     files (see :class:`LoadOptions`); data is a ``datasets.Dataset`` (image/label columns), a torch
     Dataset or a DataLoader. Every input is checked before any training; with ``output`` (a directory
     or :class:`OutputOptions`) the student is saved there at the end; :class:`RunOptions` set the
-    accelerator, progress bars and resumable checkpoints.
+    accelerator, progress bars and resumable checkpoints. With k teachers the big student is k wide and
+    the gates keep 1/k of every channel group.
     """
     load = load or LoadOptions()
     output = output if output is None or isinstance(output, OutputOptions) else OutputOptions(output)
@@ -276,9 +284,10 @@ def merge_models(
     config = config or MergeConfig()
     if output is not None:
         check_output_dir(output.directory, output.overwrite)
-    a, info_a = load_teacher(teacher_a, load.architecture, load.model_args, load.allow_pickle)
-    b, info_b = load_teacher(teacher_b, load.architecture, load.model_args, load.allow_pickle)
-    big = concatenate(a, b)
+    loaded = [load_teacher(t, load.architecture, load.model_args, load.allow_pickle) for t in (teacher_a, teacher_b, *more_teachers)]
+    teachers, infos = [m for m, _ in loaded], tuple(info for _, info in loaded)
+    a = teachers[0]
+    big = concatenate(*teachers)
     spec: MergeSpec = big.netmerge_spec
     if not timm.is_model(spec.architecture):
         raise UnsupportedModelError(
@@ -308,7 +317,8 @@ def merge_models(
     def measure(model: nn.Module) -> dict[str, float]:
         return evaluate(model, eval_loader, task=config.task, accelerator=accelerator) if eval_loader else {}
 
-    metrics = {"teacher_a": measure(a), "teacher_b": measure(b), "ensemble": measure(MeanEnsemble(a, b))}
+    metrics = {teacher_key(i): measure(t) for i, t in enumerate(teachers)}
+    metrics["ensemble"] = measure(MeanEnsemble(*teachers))
     metrics["big_student"] = measure(big)
     gated = add_gates(big, config.gate_init_mean, config.gate_init_std, noise_seed=config.seed)
     regularizer = GateRegularizer(gated, config.lambda_init, config.lambda_growth, config.gate_lr)
@@ -326,7 +336,7 @@ def merge_models(
     gate_stats = gated.statistics()
     del gated, big
     if config.finetune_epochs > 0:
-        distillation = (DistillationLoss(MeanEnsemble(a, b), config.task, config.distill_temperature, config.distill_alpha)
+        distillation = (DistillationLoss(MeanEnsemble(*teachers), config.task, config.distill_temperature, config.distill_alpha)
                         if config.distill_alpha > 0 else None)
         stages += run.trainer([job(student, stage=config.finetune_stage(), name=f"{run.stage_prefix}finetune", distillation=distillation,
                                    checkpoint=checkpoints("finetune"))])
@@ -338,12 +348,12 @@ def merge_models(
         metrics={k: v for k, v in metrics.items() if v},
         config=config,
         spec=spec,
-        teachers=(info_a, info_b),
+        teachers=infos,
         stages=stages,
         final_lambda=final_lambda,
         function_gap=gap,
         dataset_names=output.datasets if output is not None and output.datasets else _dataset_name(train_data),
-        license=output.license if output is not None and output.license else _shared_license(info_a, info_b),
+        license=output.license if output is not None and output.license else _shared_license(infos),
         label_names=_label_names(train_data, config.label_column),
         preprocessing=preprocessing,
     )

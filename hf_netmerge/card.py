@@ -8,6 +8,8 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .validation import teacher_key, teacher_label
+
 CITATION = """@article{pasen2024merging,
   title   = {Merging of Neural Networks},
   author  = {Pa{\\v{s}}en, Martin and Bo{\\v{z}}a, Vladim{\\'\\i}r},
@@ -30,14 +32,17 @@ def _metrics_table(metrics: dict[str, dict[str, float]]) -> str:
 
 
 def _gate_table(record: dict[str, Any]) -> str:
+    labels = [teacher_label(i).split()[-1] for i in range(len(record["teachers"]))]
     lines = [
-        "| group | size | kept | from A | from B | mean P[g>0] | open in eval | weakest kept gate | final λ |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| group | size | kept | " + " | ".join(f"from {x}" for x in labels)
+        + " | mean P[g>0] | open in eval | weakest kept gate | channels per gate | final λ |",
+        "|---|---|---|" + "---|" * len(labels) + "---|---|---|---|---|",
     ]
     for s in record["gate_stats"]:
         lines.append(
-            f"| {s['group']} | {s['size']} | {s['kept']} | {s['kept_from_a']} | {s['kept_from_b']} | "
-            f"{s['mean_p_open']:.3f} | {s['open_fraction']:.3f} | {s['min_kept_gate']:.3f} | {_fmt(record['final_lambda'])} |"
+            f"| {s['group']} | {s['size']} | {s['kept']} | " + " | ".join(map(str, s["kept_per_teacher"]))
+            + f" | {s['mean_p_open']:.3f} | {s['open_fraction']:.3f} | {s['min_kept_gate']:.3f} | {s['unit']} | "
+            f"{_fmt(record['final_lambda'])} |"
         )
     return "\n".join(lines)
 
@@ -53,7 +58,12 @@ def _teacher_line(label: str, info: dict) -> str:
     return f"- Teacher {label}: `{where}` [{info['source']}]{tail}"
 
 
-_REPORTED = (("teacher_a", "teacher A"), ("teacher_b", "teacher B"), ("ensemble", "ensemble of the teachers"), ("student", "student"))
+
+
+def _reported(teachers: int) -> list[tuple[str, str]]:
+    """(metrics key, label) of the models the card's ``model-index`` reports: every teacher, the ensemble, the student."""
+    models = [(teacher_key(i), teacher_label(i)) for i in range(teachers)]
+    return [*models, ("ensemble", "ensemble of the teachers"), ("student", "student")]
 
 
 def eval_results(record: dict[str, Any]) -> list[EvalResult]:
@@ -70,7 +80,7 @@ def eval_results(record: dict[str, Any]) -> list[EvalResult]:
             metric_name=f"{metric} ({label})",
             metric_value=record["metrics"][key][metric],
         )
-        for key, label in _REPORTED
+        for key, label in _reported(len(record["teachers"]))
         if metric in record["metrics"].get(key, {})
     ]
 
@@ -98,6 +108,9 @@ def render_card(record: dict[str, Any]) -> str:
         else ""
     )
     gap = ", ".join(f"{k} {_fmt(v)}" for k, v in record["function_gap"].items()) or "not measured (no eval data)"
+    inexact = [s["group"] for s in record["gate_stats"] if not s["exact_compression"]]
+    mixed = (f" Groups {', '.join(inexact)} are normalized by a LayerNorm over channels that the student takes from several "
+             "teachers, so compression is not exact there; the gap above includes it." if inexact else "")
     prep = record["preprocessing"]
     transform_lines = (
         'config = timm.data.resolve_data_config({}, model=model)  # the preprocessing it was trained and evaluated with\n'
@@ -124,18 +137,20 @@ model = AutoModelForImageClassification.from_pretrained("<this repo id>")
 classifier = pipeline("image-classification", model="<this repo id>")
 ```"""
     )
+    k = len(record["teachers"])
+    count, wide, share = ("two", "double-width", "half") if k == 2 else (str(k), f"{k}-wide", f"1/{k}")
+    teacher_lines = "\n".join(_teacher_line(teacher_label(i).split()[-1], t) for i, t in enumerate(record["teachers"]))
     body = f"""
 # {architecture} merged with hf_netmerge
 
-This `{architecture}` was made by merging two teachers of the same architecture with the
+This `{architecture}` was made by merging {count} teachers of the same architecture with the
 method of *Merging of Neural Networks* (Pašen & Boža, 2024): the teachers were concatenated into a
-double-width big student, hard-concrete L0 gates learned which half of every channel group to keep,
+{wide} big student, hard-concrete L0 gates learned which {share} of every channel group to keep,
 the big student was compressed back to the teachers' architecture, and the result was fine-tuned.
 
 ## Teachers
 
-{_teacher_line("A", record["teachers"][0])}
-{_teacher_line("B", record["teachers"][1])}
+{teacher_lines}
 
 ## Method and budget
 
@@ -145,7 +160,7 @@ the big student was compressed back to the teachers' architecture, and the resul
 
 Gate stage: weights SGD lr {cfg["lr"]} (momentum {cfg["momentum"]}), gates Adam lr {cfg["gate_lr"]};
 λ from {cfg["lambda_init"]} growing by {cfg["lambda_growth"]}·√λ per epoch to **{_fmt(record["final_lambda"])}**.
-Function gap between the gated big student (eval) and the compressed student before fine-tuning: {gap}.
+Function gap between the gated big student (eval) and the compressed student before fine-tuning: {gap}.{mixed}
 
 {inputs} {augmentation}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import MergeConfig
-from .errors import NetMergeError
+from .errors import ConfigError, NetMergeError
 from .overrides import apply_overrides
 from .spec import MergeSpec
 
@@ -68,6 +68,8 @@ def _merge(args: argparse.Namespace) -> int:
     from .training import make_accelerator, on_main_process
     from .validation import check_output_dir
 
+    if len(args.teachers) < 2:
+        raise ConfigError(f"merge needs at least two teachers, got {len(args.teachers)}")
     check_output_dir(args.output_dir, args.overwrite)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -80,11 +82,12 @@ def _merge(args: argparse.Namespace) -> int:
                                        log_with=args.log_with, project_dir=f"{Path(args.output_dir)}.logs")
         accelerator.init_trackers("hf_netmerge-merge", config={"merge_config": config.to_json()})
     result = merge_models(
-        args.teacher_a,
-        args.teacher_b,
+        args.teachers[0],
+        args.teachers[1],
         train,
         data.eval,
         config,
+        more_teachers=args.teachers[2:],
         load=LoadOptions(architecture=args.architecture, allow_pickle=args.allow_pickle),
         output=OutputOptions(args.output_dir, overwrite=args.overwrite, license=args.license,
                              datasets=[hub_id] if (hub_id := hub_dataset_id(args.dataset)) else None),
@@ -148,8 +151,11 @@ def format_spec(spec: MergeSpec) -> str:
     lines = [f"{spec.architecture}: {len(spec.groups)} channel groups; input layer {spec.input_layer}, head {spec.output_layer}"]
     for g in spec.groups:
         consumers = [c.module if c.expansion == 1 else f"{c.module} (x{c.expansion})" for c in g.consumers]
-        lines.append(f"\n{g.name}  size {g.size}  [{g.source}]")
-        for role, names in (("producers", g.producers), ("norms", g.norms), ("consumers", consumers), ("gates at", g.gate_sites)):
+        unit = f"  unit {g.unit}" if g.unit > 1 else ""
+        lines.append(f"\n{g.name}  size {g.size}{unit}  [{g.source}]")
+        roles = (("producers", g.producers), ("norms", g.norms), ("grouped", g.channelwise), ("consumers", consumers),
+                 ("gates at", g.gate_sites))
+        for role, names in roles:
             lines.append(f"  {role:<10} {', '.join(names) if names else '-'}")
     return "\n".join(lines)
 
@@ -189,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train the seeds one after another (default: stacked, every stage of all seeds as one model)")
     demo.set_defaults(func=_demo)
 
-    merge = sub.add_parser("merge", help="merge two existing checkpoints and save (and optionally publish) the student")
-    merge.add_argument("teacher_a", help="a local timm directory, a Hub id (id@revision) or a .safetensors file")
-    merge.add_argument("teacher_b")
+    merge = sub.add_parser("merge", help="merge two (or more) existing checkpoints and save (and optionally publish) the student")
+    merge.add_argument("teachers", nargs="+", metavar="TEACHER",
+                       help="two or more local timm directories, Hub ids (id@revision) or .safetensors files")
     merge.add_argument("--dataset", required=True, help="sine, a save_to_disk directory, an image folder or a Hub dataset id")
     merge.add_argument("--output-dir", required=True, help="where the student is saved (timm layout + model card)")
     merge.add_argument("--config", help="a MergeConfig YAML file")

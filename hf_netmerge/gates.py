@@ -21,8 +21,8 @@ from accelerate.state import PartialState
 from torch import nn
 
 from .errors import UnsupportedModelError
-from .spec import MergeSpec, validate_spec
-from .surgery import group_origin, replace_module
+from .spec import CALL, MIXING_NORMS, MergeSpec, validate_spec
+from .surgery import expand_index, group_origin, replace_module
 
 BETA = 2.0 / 3.0
 GAMMA = -0.1
@@ -169,20 +169,53 @@ def gated_relu(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 class GateSite(nn.Module):
-    """Wraps the module whose output carries a channel group and gates that output (fused with it when it is a ReLU)."""
+    """Wraps the module whose output carries a channel group and gates that output (fused with it when it is a ReLU).
 
-    def __init__(self, base: nn.Module, gate: nn.Module) -> None:
+    Each gate value covers ``unit`` consecutive channels (a conv group or norm group kept or dropped whole); with
+    ``channels_last`` the output holds its channels on the last dimension."""
+
+    def __init__(self, base: nn.Module, gate: nn.Module, unit: int = 1, channels_last: bool = False) -> None:
         super().__init__()
         self.base = base
-        self.fused = type(base) is nn.ReLU
+        self.channels_last = channels_last
+        self.fused = type(base) is nn.ReLU and not channels_last
+        self.unit = unit
         # Not registered as a submodule: the gate belongs to GatedModel.gates (one copy even when shared).
         object.__setattr__(self, "gate", gate)
 
+    def _value(self, batch: int) -> torch.Tensor:
+        g = self.gate.value(batch)
+        return g if self.unit == 1 else g.repeat_interleave(self.unit, dim=1)
+
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return gated_relu(args[0], self.gate.value(args[0].shape[0]))
+            return gated_relu(args[0], self._value(args[0].shape[0]))
         out = self.base(*args, **kwargs)
-        return scale_channels(out, self.gate.value(out.shape[0]))
+        g = self._value(out.shape[0])
+        if self.channels_last:
+            return out * g.view(g.shape[0], *([1] * (out.dim() - 2)), g.shape[1]).to(out.dtype)
+        return scale_channels(out, g)
+
+
+class ReusedGateSite(nn.Module):
+    """Wraps a parameter-free module called several times per forward pass (SENet's and HRNet's shared ReLU), each call
+    a gate site of its own: call ``i`` goes through ``calls[i]`` (a :class:`GateSite`), calls not listed through ``base``.
+    The count restarts with every pass of the :class:`GatedModel` (:meth:`restart`)."""
+
+    def __init__(self, base: nn.Module, calls: dict[int, GateSite]) -> None:
+        super().__init__()
+        self.base = base
+        object.__setattr__(self, "calls", calls)  # not submodules: they share ``base``; their gates live in GatedModel
+        self.made = 0
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        site = self.calls.get(self.made, self.base)
+        self.made += 1
+        return site(*args, **kwargs)
+
+    def restart(self) -> None:
+        """A new forward pass starts: the next call is call 0."""
+        self.made = 0
 
 
 @dataclass(frozen=True)
@@ -192,15 +225,26 @@ class GroupStats:
     group: str
     size: int
     kept: int
-    kept_from_a: int
-    kept_from_b: int
+    kept_per_teacher: tuple[int, ...]
     mean_p_open: float
     open_fraction: float
     min_kept_gate: float
+    unit: int = 1
+    exact_compression: bool = True
 
-    def to_dict(self) -> dict[str, float | int | str]:
+    @property
+    def kept_from_a(self) -> int:
+        """Kept channels that came from the first teacher."""
+        return self.kept_per_teacher[0]
+
+    @property
+    def kept_from_b(self) -> int:
+        """Kept channels that came from the second teacher."""
+        return self.kept_per_teacher[1]
+
+    def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return asdict(self)
+        return {**asdict(self), "kept_per_teacher": list(self.kept_per_teacher)}
 
 
 _MASK32 = 0xFFFFFFFF
@@ -247,10 +291,11 @@ class GateNoise(nn.Module):
 
 
 class GatedModel(nn.Module):
-    """A big student with a :class:`Gate` on every channel group (see :func:`add_gates`).
+    """A big student of ``teachers`` teachers with a :class:`Gate` on every channel group (see :func:`add_gates`).
 
     Gates are hard-concrete by default; ``make_gate(size)`` builds another kind of :class:`Gate` (the
-    pruning baseline's masks). Every gate ranks its channels by ``scores()``.
+    pruning baseline's masks). A gate has one value per unit of its group (``size / unit`` per teacher) and
+    ranks its units by ``scores()``; compression keeps the best ``1 / teachers`` of them.
     """
 
     def __init__(
@@ -261,22 +306,35 @@ class GatedModel(nn.Module):
         init_std: float = 0.01,
         make_gate: GateFactory | None = None,
         noise_seed: int = 0,
+        teachers: int = 2,
     ) -> None:
         super().__init__()
         self.model = model
         self.spec = spec
+        self.teachers = teachers
         make_gate = make_gate or (lambda size: HardConcreteGate(size, init_mean, init_std))
-        gates = {g.name: make_gate(2 * g.size) for g in spec.groups}
+        gates = {g.name: make_gate(teachers * g.size // g.unit) for g in spec.groups}
         for name, gate in gates.items():
             if not isinstance(gate, nn.Module) or not isinstance(gate, Gate):
                 raise UnsupportedModelError(f"the gate for group {name!r} ({type(gate).__name__}) is not an nn.Module implementing Gate")
         self.gates = nn.ModuleDict(gates)
+        # Groups normalized over all their channels at once: compressing them is exact only when one teacher's part is kept.
+        self.mixed_norm_groups = {g.name for g in spec.groups if any(isinstance(model.get_submodule(n), MIXING_NORMS) for n in g.norms)}
         state = PartialState() if PartialState._shared_state else None
         self.noise = GateNoise(noise_seed, state.process_index if state else 0, state.num_processes if state else 1)
         self._noisy = [gate for gate in self.gates.values() if isinstance(gate, HardConcreteGate)]
+        calls: dict[str, dict[int, GateSite]] = {}
         for g in spec.groups:
             for site in g.gate_sites:
-                replace_module(model, site, GateSite(model.get_submodule(site), self.gates[g.name]))
+                name, _, call = site.partition(CALL)
+                wrapped = GateSite(model.get_submodule(name), self.gates[g.name], g.unit, site in g.channels_last_sites)
+                if call:
+                    calls.setdefault(name, {})[int(call)] = wrapped
+                else:
+                    replace_module(model, name, wrapped)
+        self._reused = [ReusedGateSite(model.get_submodule(name), by_call) for name, by_call in calls.items()]
+        for name, site in zip(calls, self._reused):
+            replace_module(model, name, site)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self._noisy:
@@ -288,43 +346,55 @@ class GatedModel(nn.Module):
         finally:
             for gate in self.gates.values():
                 gate.clear_sample()
+            for site in self._reused:
+                site.restart()
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The gates' parameters (hard-concrete ``log_alpha``; they get their own optimizer)."""
         return [p for gate in self.gates.values() for p in gate.parameters()]
 
     def half_penalty(self) -> torch.Tensor:
-        """Σ over groups of (½ − mean P[g>0])²: zero when every group keeps half its channels open."""
-        terms = [(0.5 - gate.prob_open().mean()) ** 2 for gate in self.gates.values()]
+        """Σ over groups of (1/k − mean P[g>0])² for k teachers: zero when every group keeps 1/k of its units open
+        (the paper's half penalty for two)."""
+        target = 1.0 / self.teachers
+        terms = [(target - gate.prob_open().mean()) ** 2 for gate in self.gates.values()]
         return torch.stack(terms).sum()
 
-    def keep_indices(self) -> dict[str, torch.Tensor]:
-        """Per group, the half of the channels with the highest scores (``log_alpha``; ties by index), in original order."""
+    def keep_units(self) -> dict[str, torch.Tensor]:
+        """Per group, the ``1/k`` of the units with the highest scores (``log_alpha``; ties by index), in original order."""
         keep = {}
         for g in self.spec.groups:
             scores = self.gates[g.name].scores().detach().cpu()
-            order = torch.argsort(-scores, stable=True)[: g.size]
+            order = torch.argsort(-scores, stable=True)[: g.size // g.unit]
             keep[g.name] = torch.sort(order).values
         return keep
 
+    def keep_indices(self) -> dict[str, torch.Tensor]:
+        """Per group, the channels of :meth:`keep_units` (a unit's channels together), in original order."""
+        units = self.keep_units()
+        return {g.name: expand_index(units[g.name], g.unit) for g in self.spec.groups}
+
     def statistics(self) -> list[GroupStats]:
-        """Per group: kept channels by teacher, mean P[g>0], fraction open in eval, weakest kept gate."""
+        """Per group: kept channels by teacher, mean P[g>0], fraction open in eval, weakest kept gate, and whether
+        compressing it is exact (not for a LayerNorm over channels of several teachers)."""
         stats = []
-        for g, (name, index) in zip(self.spec.groups, self.keep_indices().items()):
-            gate = self.gates[name]
+        units, channels = self.keep_units(), self.keep_indices()
+        for g in self.spec.groups:
+            gate = self.gates[g.name]
             with torch.no_grad():
                 value = gate.eval_value().cpu()
-                from_a, from_b = group_origin(g, index)
+                per_teacher = tuple(group_origin(g, channels[g.name], self.teachers))
                 stats.append(
                     GroupStats(
-                        group=name,
-                        size=gate.size,
-                        kept=int(index.numel()),
-                        kept_from_a=from_a,
-                        kept_from_b=from_b,
+                        group=g.name,
+                        size=gate.size * g.unit,
+                        kept=int(channels[g.name].numel()),
+                        kept_per_teacher=per_teacher,
                         mean_p_open=float(gate.prob_open().mean()),
                         open_fraction=float((value > 0).float().mean()),
-                        min_kept_gate=float(value[index].min()),
+                        min_kept_gate=float(value[units[g.name]].min()),
+                        unit=g.unit,
+                        exact_compression=g.name not in self.mixed_norm_groups or max(per_teacher) == g.size,
                     )
                 )
         return stats
@@ -340,16 +410,16 @@ def add_gates(
     the reference init (P[g>0] ≈ 0.93); ``make_gate(size)`` puts another kind of :class:`Gate` instead. The
     gates' training noise comes from :class:`GateNoise` keyed by ``noise_seed`` (the same for any process count).
     """
-    spec = getattr(big, "netmerge_spec", None)
-    if not isinstance(spec, MergeSpec):
-        raise UnsupportedModelError("add_gates expects a big student made by hf_netmerge.concatenate(teacher_a, teacher_b)")
-    validate_spec(big, spec, width=2)
-    return GatedModel(big, spec, init_mean, init_std, make_gate, noise_seed)
+    spec, teachers = getattr(big, "netmerge_spec", None), getattr(big, "netmerge_teachers", None)
+    if not isinstance(spec, MergeSpec) or not isinstance(teachers, int):
+        raise UnsupportedModelError("add_gates expects a big student made by hf_netmerge.concatenate(teacher_a, teacher_b, ...)")
+    validate_spec(big, spec, width=teachers)
+    return GatedModel(big, spec, init_mean, init_std, make_gate, noise_seed, teachers)
 
 
 def remove_gates(model: nn.Module) -> nn.Module:
-    """Unwrap every :class:`GateSite` inside ``model`` in place (the gates' effect is dropped)."""
-    sites = [name for name, m in model.named_modules() if isinstance(m, GateSite)]
+    """Unwrap every :class:`GateSite` (and :class:`ReusedGateSite`) inside ``model`` in place (the gates' effect is dropped)."""
+    sites = [name for name, m in model.named_modules() if isinstance(m, (GateSite, ReusedGateSite))]
     for name in sites:
         replace_module(model, name, model.get_submodule(name).base)
     return model
@@ -358,7 +428,7 @@ def remove_gates(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def gates_removed(gated: GatedModel) -> Iterator[nn.Module]:
     """The big student with its gate sites unwrapped for the duration of the block, then re-wrapped as they were."""
-    sites = {name: m for name, m in gated.model.named_modules() if isinstance(m, GateSite)}
+    sites = {name: m for name, m in gated.model.named_modules() if isinstance(m, (GateSite, ReusedGateSite))}
     remove_gates(gated.model)
     try:
         yield gated.model

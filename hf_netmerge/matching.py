@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .adapters import resolve_spec
+from .errors import UnsupportedModelError
 from .spec import ChannelGroup, MergeSpec
 from .surgery import select_model
 
@@ -33,16 +34,28 @@ def _rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
 def _similarity(a: nn.Module, b: nn.Module, group: ChannelGroup) -> torch.Tensor:
     """``[i, j]``: how well channel ``j`` of ``b`` matches channel ``i`` of ``a``, summed over the group's layers."""
     n, total = group.size, torch.zeros(group.size, group.size)
-    for name in (*group.producers, *group.norms):
+    for name in (*group.producers, *group.norms, *group.channelwise):
         for p in ("weight", "bias"):
             ta, tb = getattr(a.get_submodule(name), p, None), getattr(b.get_submodule(name), p, None)
             if isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor):
                 total += _rows(ta, n) @ _rows(tb, n).T
+    for path in group.scales:
+        total += _rows(a.get_parameter(path), n) @ _rows(b.get_parameter(path), n).T
     for consumer in group.consumers:
         wa, wb = a.get_submodule(consumer.module).weight, b.get_submodule(consumer.module).weight
         columns = [w.detach().float().cpu().reshape(w.shape[0], n, -1).transpose(0, 1) for w in (wa, wb)]  # (n, out, block)
         total += _rows(columns[0], n) @ _rows(columns[1], n).T
     return total
+
+
+def check_matchable(spec: MergeSpec) -> None:
+    """Refuse a spec whose groups tie channels in units (grouped convolutions, GroupNorm): matching permutes single channels."""
+    for g in spec.groups:
+        if g.unit > 1:
+            raise UnsupportedModelError(
+                f"{spec.architecture}: group {g.name!r} ties its channels in units of {g.unit} (grouped convolutions or "
+                "GroupNorm); weight matching permutes single channels"
+            )
 
 
 def match_weights(
@@ -52,6 +65,7 @@ def match_weights(
     from scipy.optimize import linear_sum_assignment
 
     spec = spec or resolve_spec(a)
+    check_matchable(spec)
     perms = {g.name: torch.arange(g.size) for g in spec.groups}
     order = torch.Generator().manual_seed(seed)
     for _ in range(max_iterations):

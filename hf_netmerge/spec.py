@@ -2,11 +2,13 @@
 
 A :class:`MergeSpec` is plain data (module names and sizes, JSON-serializable). Adapters declare
 it; surgery and gates only read it. A module that consumes a group but produces none is the
-averaging head; a module that produces a group but consumes none reads the shared input.
+averaging head; a module that produces a group but consumes none reads the shared input. Specs are
+at one teacher's width; a big student of ``k`` teachers has ``k`` times each group's channels.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,11 +16,17 @@ from timm.layers import Linear as TimmLinear
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .models.split_norm import SplitNorm
 
 # Exact classes only: subclasses that transform their weights (timm's StdConv2d, ScaledStdConv2d) would not
 # stay exact under block-diagonal concatenation. timm's Linear only adds a dtype cast.
 EXACT_WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, TimmLinear)
-SUPPORTED_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+# Norms over all channels of a position (LayerNorm2d, or a LayerNorm on channels-last tensors): the big student
+# normalizes each teacher's part on its own (SplitNorm), but a student keeping channels of several teachers normalizes
+# them together, so its compression is not exact.
+MIXING_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, SplitNorm)
+CALL = "#"  # a gate site ``name#i`` is the i-th call (from 0) of module ``name``, used several times in one forward
+SUPPORTED_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, *MIXING_NORMS)
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,13 @@ class ChannelGroup:
     """Channels that must be kept or dropped together, with one gate.
 
     ``gate_sites`` are the modules whose outputs carry the group's activation; one gate (same
-    parameters, same noise sample per forward) multiplies every one of them.
+    parameters, same noise sample per forward) multiplies every one of them. A site ``name#i``
+    is the i-th call of a parameter-free module used several times in one forward pass. ``channelwise`` are
+    grouped or depthwise convolutions that map the group onto itself, conv group by conv group;
+    ``scales`` are per-channel parameters (layer scales, as dotted parameter paths). ``unit``
+    channels share one gate and are kept or dropped together: the widest conv group or GroupNorm
+    group of the group's layers (1 when every channel stands alone). ``channels_last_sites`` are the
+    gate sites whose output holds the channels on its last dimension (a ConvNeXt block's MLP).
     """
 
     name: str
@@ -48,6 +62,10 @@ class ChannelGroup:
     gate_sites: tuple[str, ...]
     norms: tuple[str, ...] = ()
     source: str = "declared"
+    channelwise: tuple[str, ...] = ()
+    scales: tuple[str, ...] = ()
+    unit: int = 1
+    channels_last_sites: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -92,6 +110,15 @@ class MergeSpec:
         """For each normalization layer, the group it normalizes."""
         return {n: g for g in self.groups for n in g.norms}
 
+    def channelwise_groups(self) -> dict[str, ChannelGroup]:
+        """For each grouped or depthwise convolution, the group it maps onto itself."""
+        return {n: g for g in self.groups for n in g.channelwise}
+
+
+def site_module(site: str) -> str:
+    """The module of gate site ``site`` (``name`` or ``name#i``)."""
+    return site.partition(CALL)[0]
+
 
 def _out_size(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
@@ -101,15 +128,42 @@ def _in_size(module: nn.Module) -> int:
     return module.in_features if isinstance(module, nn.Linear) else module.in_channels
 
 
+def _norm_size(module: nn.Module) -> int:
+    if isinstance(module, SplitNorm):
+        module = module.norm
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[0]
+    return module.num_channels if isinstance(module, nn.GroupNorm) else module.num_features
+
+
+def channel_unit(module: nn.Module) -> int:
+    """Channels of one teacher that ``module`` ties together: a conv group's width, a GroupNorm group's width, else 1."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels // module.groups
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels // module.num_groups
+    return 1
+
+
+def common_unit(modules: list[nn.Module]) -> int:
+    """The smallest gate granularity that keeps every one of ``modules``' channel ties whole."""
+    return math.lcm(1, *(channel_unit(m) for m in modules))
+
+
 def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
-    """Check that ``spec`` describes ``model`` (at ``width`` times the spec's sizes) exactly.
+    """Check that ``spec`` describes ``model`` (at ``width`` times the spec's sizes: a big student of ``width``
+    teachers) exactly.
 
     Every module holding parameters or buffers must be covered by the spec, be of a supported
-    type, and have the sizes the spec says; otherwise :class:`UnsupportedModelError` names it.
+    type, and have the sizes the spec says; every group's ``unit`` must keep its conv and norm
+    groups whole; otherwise :class:`UnsupportedModelError` names the module.
     """
     modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
     roles = spec.layer_roles()
     norms = spec.norm_groups()
+    channelwise = spec.channelwise_groups()
+    scales = {path for g in spec.groups for path in g.scales}
     seen_names: set[str] = set()
     for g in spec.groups:
         if not g.name.isidentifier():
@@ -119,9 +173,19 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
         seen_names.add(g.name)
         if not g.producers or not g.gate_sites:
             raise UnsupportedModelError(f"channel group {g.name!r} needs producers and a gate site")
-        for name in (*g.producers, *g.norms, *(c.module for c in g.consumers), *g.gate_sites):
+        if not set(g.channels_last_sites) <= set(g.gate_sites):
+            raise UnsupportedModelError(f"channel group {g.name!r}: its channels-last sites must be gate sites")
+        if g.unit < 1 or g.size % g.unit:
+            raise UnsupportedModelError(f"channel group {g.name!r}: unit {g.unit} does not divide its {g.size} channels")
+        for name in (*g.producers, *g.norms, *g.channelwise, *(c.module for c in g.consumers), *(site_module(s) for s in g.gate_sites)):
             if name not in modules:
                 raise UnsupportedModelError(f"{spec.architecture}: channel group {g.name!r} names a missing module {name!r}")
+        for path in g.scales:
+            if not isinstance(t := params.get(path), nn.Parameter) or t.dim() != 1 or t.numel() != g.size * width:
+                raise UnsupportedModelError(
+                    f"{spec.architecture}: channel group {g.name!r} names {path!r} as a per-channel scale of "
+                    f"{g.size * width} values, which the model does not hold"
+                )
     for name, (out_group, in_group, expansion) in roles.items():
         module = modules[name]
         if type(module) not in EXACT_WEIGHT_LAYERS:
@@ -130,8 +194,8 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
             )
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise UnsupportedModelError(
-                f"{spec.architecture}: module {name!r} is a grouped convolution (groups={module.groups}), "
-                "which cannot be concatenated block-diagonally"
+                f"{spec.architecture}: module {name!r} is a grouped convolution (groups={module.groups}) that changes "
+                "the channel group; only one mapping a group onto itself (in = out channels) merges"
             )
         if out_group is not None and _out_size(module) != out_group.size * width:
             raise UnsupportedModelError(
@@ -143,25 +207,37 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
                 f"{spec.architecture}: module {name!r} has {_in_size(module)} inputs, "
                 f"group {in_group.name!r} expects {in_group.size * width * expansion}"
             )
+    for name, group in channelwise.items():
+        module = modules[name]
+        if type(module) is not nn.Conv2d or module.in_channels != module.out_channels:
+            raise UnsupportedModelError(
+                f"{spec.architecture}: module {name!r} ({type(module).__name__}) is not a grouped Conv2d with as many "
+                "outputs as inputs"
+            )
+        if module.out_channels != group.size * width or group.unit % channel_unit(module):
+            raise UnsupportedModelError(
+                f"{spec.architecture}: grouped convolution {name!r} ({module.out_channels} channels, conv groups of "
+                f"{channel_unit(module)}) does not fit group {group.name!r} ({group.size * width} channels, unit {group.unit})"
+            )
     for name, group in norms.items():
         module = modules[name]
         if not isinstance(module, SUPPORTED_NORMS):
             raise UnsupportedModelError(
                 f"{spec.architecture}: module {name!r} ({type(module).__name__}) is not a supported normalization"
             )
-        if module.num_features != group.size * width:
+        if _norm_size(module) != group.size * width or group.unit % channel_unit(module):
             raise UnsupportedModelError(
-                f"{spec.architecture}: norm {name!r} has {module.num_features} features, "
-                f"group {group.name!r} expects {group.size * width}"
+                f"{spec.architecture}: norm {name!r} has {_norm_size(module)} channels in groups of {channel_unit(module)}, "
+                f"group {group.name!r} expects {group.size * width} in units of {group.unit}"
             )
     if spec.input_layer not in roles or roles[spec.input_layer][1] is not None:
         raise UnsupportedModelError(f"{spec.architecture}: input layer {spec.input_layer!r} must produce a group and consume none")
     if spec.output_layer not in roles or roles[spec.output_layer][0] is not None:
         raise UnsupportedModelError(f"{spec.architecture}: output layer {spec.output_layer!r} must consume a group and produce none")
-    covered = set(roles) | set(norms)
+    covered = set(roles) | set(norms) | set(channelwise) | {f"{n}.norm" for n in norms if isinstance(modules[n], SplitNorm)}
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        if own and name not in covered:
+        if own and name not in covered and not all(f"{name}.{n}" in scales for n, _ in own):
             raise UnsupportedModelError(
                 f"{spec.architecture}: module {name!r} ({type(module).__name__}) holds weights that no channel group covers"
             )

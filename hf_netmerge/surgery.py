@@ -1,8 +1,9 @@
-"""All tensor work of the merge: widening two teachers into one, and selecting channels back out.
+"""All tensor work of the merge: widening k teachers into one, and selecting channels back out.
 
-One small surgeon per layer type (weight layers, BatchNorm) does the slicing; :func:`widen_model`
-and :func:`select_model` walk a :class:`~hf_netmerge.spec.MergeSpec` and call them. Modules are
-deep-copied and their tensors replaced, so subclasses (timm's layers) keep their behaviour.
+One small surgeon per layer type (weight layers, grouped convolutions, norms) does the slicing;
+:func:`widen_model` and :func:`select_model` walk a :class:`~hf_netmerge.spec.MergeSpec` and call
+them. Modules are deep-copied and their tensors replaced, so subclasses (timm's layers) keep their
+behaviour. Teacher ``i``'s channels of a group sit at ``[i·size, (i+1)·size)`` of the big student's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import copy
 import torch
 from torch import nn
 
-from .spec import ChannelGroup, MergeSpec
+from .models.split_norm import SplitNorm
+from .spec import ChannelGroup, MergeSpec, channel_unit
 
 
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -39,32 +41,48 @@ def expand_index(index: torch.Tensor, expansion: int) -> torch.Tensor:
     return (index[:, None] * expansion + torch.arange(expansion, device=index.device)).reshape(-1)
 
 
+def _joined(tensors: list[torch.Tensor | None], like: torch.Tensor | None) -> torch.Tensor | nn.Parameter | None:
+    """The per-channel tensors of k modules concatenated (a Parameter when ``like`` is one)."""
+    if like is None:
+        return None
+    joined = torch.cat([t.detach() for t in tensors])
+    return _param(joined, like) if isinstance(like, nn.Parameter) else joined
+
+
+def _selected(t: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | nn.Parameter | None:
+    if t is None:
+        return None
+    kept = t.detach().index_select(0, index.to(t.device))
+    return _param(kept, t) if isinstance(t, nn.Parameter) else kept
+
+
 class WeightSurgeon:
     """Linear and Conv2d: output channels on dim 0 of the weight, input channels on dim 1."""
 
     @staticmethod
-    def widen(a: nn.Module, b: nn.Module, stack_out: bool, stack_in: bool) -> nn.Module:
-        """Concatenate two layers.
+    def widen(layers: list[nn.Module], stack_out: bool, stack_in: bool) -> nn.Module:
+        """Concatenate k layers.
 
-        ``stack_out``: outputs stacked ``[A; B]`` (else averaged: the head). ``stack_in``: inputs
+        ``stack_out``: outputs stacked ``[L1; …; Lk]`` (else averaged: the head). ``stack_in``: inputs
         block-diagonal (else shared: the first layer).
         """
-        wa, wb = a.weight.detach(), b.weight.detach()
+        weights = [m.weight.detach() for m in layers]
+        first, k = weights[0], len(weights)
         if stack_out and stack_in:
-            w = wa.new_zeros((2 * wa.shape[0], 2 * wa.shape[1], *wa.shape[2:]))
-            w[: wa.shape[0], : wa.shape[1]] = wa
-            w[wa.shape[0] :, wa.shape[1] :] = wb
+            w = first.new_zeros((k * first.shape[0], k * first.shape[1], *first.shape[2:]))
+            for i, x in enumerate(weights):
+                w[i * x.shape[0] : (i + 1) * x.shape[0], i * x.shape[1] : (i + 1) * x.shape[1]] = x
         elif stack_out:
-            w = torch.cat([wa, wb], 0)
+            w = torch.cat(weights, 0)
         elif stack_in:
-            w = torch.cat([wa / 2, wb / 2], 1)
+            w = torch.cat([x / k for x in weights], 1)
         else:
             raise ValueError("a merged layer must widen its inputs, its outputs or both")
-        out = _shell(a, ("weight", "bias"))
-        out.weight = _param(w, a.weight)
-        if a.bias is not None:
-            ba, bb = a.bias.detach(), b.bias.detach()
-            out.bias = _param(torch.cat([ba, bb]) if stack_out else (ba + bb) / 2, a.bias)
+        out = _shell(layers[0], ("weight", "bias"))
+        out.weight = _param(w, layers[0].weight)
+        if layers[0].bias is not None:
+            biases = [m.bias.detach() for m in layers]
+            out.bias = _param(torch.cat(biases) if stack_out else torch.stack(biases).sum(0) / k, layers[0].bias)
         _set_sizes(out, w.shape[0], w.shape[1])
         return out
 
@@ -79,46 +97,89 @@ class WeightSurgeon:
         out = _shell(m, ("weight", "bias"))
         out.weight = _param(w, m.weight)
         if m.bias is not None:
-            bias = m.bias.detach()
-            bias = bias.index_select(0, out_index.to(w.device)) if out_index is not None else bias.clone()
-            out.bias = _param(bias, m.bias)
+            out.bias = _selected(m.bias, out_index) if out_index is not None else _param(m.bias.detach().clone(), m.bias)
         _set_sizes(out, w.shape[0], w.shape[1])
         return out
 
 
+class GroupedConvSurgeon:
+    """A grouped or depthwise Conv2d mapping a group onto itself: each output row reads only its own conv group,
+    so widening stacks the rows (k times the conv groups) and selecting keeps whole conv groups' rows."""
+
+    @staticmethod
+    def widen(layers: list[nn.Module]) -> nn.Module:
+        """Concatenate k grouped convolutions: the teachers' conv groups side by side."""
+        out = _shell(layers[0], ("weight", "bias"))
+        out.weight = _joined([m.weight for m in layers], layers[0].weight)
+        out.bias = _joined([m.bias for m in layers], layers[0].bias)
+        out.groups = layers[0].groups * len(layers)
+        _set_sizes(out, out.weight.shape[0], out.weight.shape[0])
+        return out
+
+    @staticmethod
+    def select(m: nn.Module, index: torch.Tensor) -> nn.Module:
+        """Keep channels ``index`` (whole conv groups: the spec's unit guarantees it)."""
+        out = _shell(m, ("weight", "bias"))
+        out.weight = _selected(m.weight, index)
+        out.bias = _selected(m.bias, index)
+        out.groups = int(index.numel()) // channel_unit(m)
+        _set_sizes(out, int(index.numel()), int(index.numel()))
+        return out
+
+
 class NormSurgeon:
-    """BatchNorm: affine parameters and running statistics, all per channel."""
+    """BatchNorm, GroupNorm and LayerNorm over channels: affine parameters and running statistics, all per channel. A
+    GroupNorm keeps its group width (k times the groups when widened; whole groups kept when selected); k LayerNorms
+    become one :class:`~hf_netmerge.models.split_norm.SplitNorm`, and a selection from it the teachers' LayerNorm again."""
 
     _PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
 
     @classmethod
-    def widen(cls, a: nn.Module, b: nn.Module) -> nn.Module:
-        """Concatenate two norms channel-wise, running statistics included."""
-        out = _shell(a, cls._PER_CHANNEL)
-        for name in cls._PER_CHANNEL:
-            ta, tb = getattr(a, name), getattr(b, name)
-            if ta is None:
-                continue
-            joined = torch.cat([ta.detach(), tb.detach()])
-            if isinstance(ta, nn.Parameter):
-                setattr(out, name, _param(joined, ta))
-            else:
-                setattr(out, name, joined)
-        out.num_features = 2 * a.num_features
+    def _resized(cls, m: nn.Module, tensors: dict[str, torch.Tensor | None]) -> nn.Module:
+        """A copy of norm ``m`` holding ``tensors`` (per channel), its sizes set to match."""
+        out = _shell(m, cls._PER_CHANNEL)
+        for name, t in tensors.items():
+            setattr(out, name, t)
+        channels = next(t.shape[0] for t in tensors.values() if t is not None)
+        if isinstance(out, nn.LayerNorm):
+            out.normalized_shape = (channels,)
+        elif isinstance(out, nn.GroupNorm):
+            out.num_channels, out.num_groups = channels, channels // channel_unit(m)
+        else:
+            out.num_features = channels
         return out
 
     @classmethod
+    def widen(cls, norms: list[nn.Module]) -> nn.Module:
+        """Concatenate k norms channel-wise, running statistics included (k LayerNorms: one SplitNorm)."""
+        first = norms[0]
+        names = [n for n in cls._PER_CHANNEL if isinstance(getattr(first, n, None), torch.Tensor)]
+        out = cls._resized(first, {n: _joined([getattr(m, n) for m in norms], getattr(first, n)) for n in names})
+        return SplitNorm(out, len(norms)) if isinstance(first, nn.LayerNorm) else out
+
+    @classmethod
     def select(cls, m: nn.Module, index: torch.Tensor) -> nn.Module:
-        """Keep channels ``index``."""
-        out = _shell(m, cls._PER_CHANNEL)
-        for name in cls._PER_CHANNEL:
-            t = getattr(m, name)
-            if t is None:
-                continue
-            kept = t.detach().index_select(0, index.to(t.device))
-            setattr(out, name, _param(kept, t) if isinstance(t, nn.Parameter) else kept)
-        out.num_features = int(index.numel())
-        return out
+        """Keep channels ``index`` (of a SplitNorm: its LayerNorm, whole again)."""
+        m = m.norm if isinstance(m, SplitNorm) else m
+        names = [n for n in cls._PER_CHANNEL if isinstance(getattr(m, n, None), torch.Tensor)]
+        return cls._resized(m, {n: _selected(getattr(m, n), index) for n in names})
+
+
+class ScaleSurgeon:
+    """A per-channel parameter held by a module (a layer scale's ``gamma``): concatenated, or indexed."""
+
+    @staticmethod
+    def widen(root: nn.Module, path: str, teachers: list[nn.Module]) -> None:
+        """Set parameter ``path`` of ``root`` to the teachers' ``path`` side by side."""
+        owner, _, attr = path.rpartition(".")
+        tensors = [t.get_parameter(path) for t in teachers]
+        setattr(root.get_submodule(owner), attr, _joined(tensors, tensors[0]))
+
+    @staticmethod
+    def select(root: nn.Module, path: str, index: torch.Tensor) -> None:
+        """Keep the entries ``index`` of parameter ``path`` of ``root``."""
+        owner, _, attr = path.rpartition(".")
+        setattr(root.get_submodule(owner), attr, _selected(root.get_parameter(path), index))
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -134,40 +195,50 @@ def _copy_skipping(root: nn.Module, names: list[str]) -> nn.Module:
     return copy.deepcopy(root, memo)
 
 
-def widen_model(a: nn.Module, b: nn.Module, spec: MergeSpec) -> nn.Module:
-    """The big student: a copy of ``a`` whose every grouped layer is the concatenation of ``a``'s and ``b``'s."""
-    roles, norms = spec.layer_roles(), spec.norm_groups()
-    big = _copy_skipping(a, [*roles, *norms])
-    modules_b = dict(b.named_modules())
+def widen_model(teachers: list[nn.Module], spec: MergeSpec) -> nn.Module:
+    """The big student: a copy of the first teacher whose every grouped layer concatenates all ``teachers``' layers."""
+    roles, norms, channelwise = spec.layer_roles(), spec.norm_groups(), spec.channelwise_groups()
+    big = _copy_skipping(teachers[0], [*roles, *norms, *channelwise])
+    tables = [dict(t.named_modules()) for t in teachers]
     for name, (out_group, in_group, _) in roles.items():
-        new = WeightSurgeon.widen(a.get_submodule(name), modules_b[name], out_group is not None, in_group is not None)
+        new = WeightSurgeon.widen([m[name] for m in tables], out_group is not None, in_group is not None)
         replace_module(big, name, new)
     for name in norms:
-        replace_module(big, name, NormSurgeon.widen(a.get_submodule(name), modules_b[name]))
+        replace_module(big, name, NormSurgeon.widen([m[name] for m in tables]))
+    for name in channelwise:
+        replace_module(big, name, GroupedConvSurgeon.widen([m[name] for m in tables]))
+    for path in (p for g in spec.groups for p in g.scales):
+        ScaleSurgeon.widen(big, path, teachers)
     return big
 
 
 def select_model(big: nn.Module, spec: MergeSpec, keep: dict[str, torch.Tensor]) -> nn.Module:
     """A copy of ``big`` keeping, for every group, the channels ``keep[group]`` on producers, norms and consumers."""
-    roles, norms = spec.layer_roles(), spec.norm_groups()
-    small = _copy_skipping(big, [*roles, *norms])
+    roles, norms, channelwise = spec.layer_roles(), spec.norm_groups(), spec.channelwise_groups()
+    small = _copy_skipping(big, [*roles, *norms, *channelwise])
     for name, (out_group, in_group, expansion) in roles.items():
         out_index = keep[out_group.name] if out_group is not None else None
         in_index = expand_index(keep[in_group.name], expansion) if in_group is not None else None
         replace_module(small, name, WeightSurgeon.select(big.get_submodule(name), out_index, in_index))
     for name, group in norms.items():
         replace_module(small, name, NormSurgeon.select(big.get_submodule(name), keep[group.name]))
+    for name, group in channelwise.items():
+        replace_module(small, name, GroupedConvSurgeon.select(big.get_submodule(name), keep[group.name]))
+    for group in spec.groups:
+        for path in group.scales:
+            ScaleSurgeon.select(small, path, keep[group.name])
     return small
 
 
-def group_origin(group: ChannelGroup, index: torch.Tensor) -> tuple[int, int]:
-    """How many of the big student's channels ``index`` of ``group`` came from teacher A and from B."""
-    from_a = int((index < group.size).sum())
-    return from_a, int(index.numel()) - from_a
+def group_origin(group: ChannelGroup, index: torch.Tensor, teachers: int) -> list[int]:
+    """How many of the big student's channels ``index`` of ``group`` came from each of the ``teachers``."""
+    return torch.bincount(index // group.size, minlength=teachers).tolist()
 
 
 __all__ = [
+    "GroupedConvSurgeon",
     "NormSurgeon",
+    "ScaleSurgeon",
     "WeightSurgeon",
     "expand_index",
     "group_origin",

@@ -26,28 +26,42 @@ def check_finite(model: nn.Module, label: str) -> None:
             raise NonFiniteWeightsError(f"{label}: tensor {name!r} holds NaN or Inf values; check or retrain this checkpoint")
 
 
-def check_teachers(a: nn.Module, b: nn.Module) -> None:
-    """Refuse two teachers that are not the same architecture with the same tensor names, shapes and dtypes."""
-    if type(a) is not type(b):
-        raise ArchitectureMismatchError(f"teachers are different classes: {type(a).__name__} and {type(b).__name__}")
-    arch_a, arch_b = architecture_name(a), architecture_name(b)
-    if arch_a != arch_b:
-        raise ArchitectureMismatchError(f"teachers are different architectures: {arch_a} and {arch_b}")
-    classes_a, classes_b = getattr(a, "num_classes", None), getattr(b, "num_classes", None)
-    if classes_a != classes_b:
-        raise NumClassesMismatchError(f"teachers have different num_classes: {classes_a} and {classes_b}")
-    sd_a, sd_b = a.state_dict(), b.state_dict()
-    missing, extra = sorted(set(sd_a) - set(sd_b)), sorted(set(sd_b) - set(sd_a))
-    if missing or extra:
-        raise KeyMismatchError(f"teachers have different tensors: only in A {missing[:5]}, only in B {extra[:5]}")
-    for name, ta in sd_a.items():
-        tb = sd_b[name]
-        if ta.shape != tb.shape:
-            raise ShapeMismatchError(f"tensor {name!r} has shape {tuple(ta.shape)} in A and {tuple(tb.shape)} in B")
-        if ta.dtype != tb.dtype:
-            raise DtypeMismatchError(f"tensor {name!r} is {ta.dtype} in A and {tb.dtype} in B; cast both to one dtype")
-    check_finite(a, "teacher A")
-    check_finite(b, "teacher B")
+def teacher_label(index: int) -> str:
+    """``teacher A``, ``teacher B``, … for the teacher at ``index``."""
+    return f"teacher {chr(ord('A') + index)}" if index < 26 else f"teacher {index + 1}"
+
+
+def teacher_key(index: int) -> str:
+    """``teacher_a``, ``teacher_b``, …: the teacher's key in metrics and results."""
+    return teacher_label(index).replace(" ", "_").lower()
+
+
+def check_teachers(*teachers: nn.Module) -> None:
+    """Refuse teachers that are not all the same architecture with the same tensor names, shapes and dtypes."""
+    a = teachers[0]
+    sd_a = a.state_dict()
+    for index, b in enumerate(teachers[1:], start=1):
+        la, lb = "A", teacher_label(index).split()[-1]
+        if type(a) is not type(b):
+            raise ArchitectureMismatchError(f"teachers are different classes: {type(a).__name__} ({la}) and {type(b).__name__} ({lb})")
+        arch_a, arch_b = architecture_name(a), architecture_name(b)
+        if arch_a != arch_b:
+            raise ArchitectureMismatchError(f"teachers are different architectures: {arch_a} ({la}) and {arch_b} ({lb})")
+        classes_a, classes_b = getattr(a, "num_classes", None), getattr(b, "num_classes", None)
+        if classes_a != classes_b:
+            raise NumClassesMismatchError(f"teachers have different num_classes: {classes_a} ({la}) and {classes_b} ({lb})")
+        sd_b = b.state_dict()
+        missing, extra = sorted(set(sd_a) - set(sd_b)), sorted(set(sd_b) - set(sd_a))
+        if missing or extra:
+            raise KeyMismatchError(f"teachers have different tensors: only in {la} {missing[:5]}, only in {lb} {extra[:5]}")
+        for name, ta in sd_a.items():
+            tb = sd_b[name]
+            if ta.shape != tb.shape:
+                raise ShapeMismatchError(f"tensor {name!r} has shape {tuple(ta.shape)} in {la} and {tuple(tb.shape)} in {lb}")
+            if ta.dtype != tb.dtype:
+                raise DtypeMismatchError(f"tensor {name!r} is {ta.dtype} in {la} and {tb.dtype} in {lb}; cast all teachers to one dtype")
+    for index, teacher in enumerate(teachers):
+        check_finite(teacher, teacher_label(index))
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:

@@ -54,7 +54,17 @@ DECLARED = [  # timm families with an adapter (and the CIFAR models)
     ("netmerge_vgg11_cifar", {"num_classes": 5}),
 ]
 DISCOVERED = [("resnetv2_18", {"num_classes": 5}), ("resnetv2_50", {"num_classes": 5}), ("darknet17", {"num_classes": 5}),
-              ("repvgg_a0", {"num_classes": 5})]
+              ("repvgg_a0", {"num_classes": 5}),
+              ("resnet18", {"num_classes": 5, "norm_layer": "groupnorm"}),  # GroupNorm: gates keep whole norm groups
+              ("seresnet18", {"num_classes": 5}),  # squeeze-excitation reading a norm's output: gated there
+              ("resnet18", {"num_classes": 5, "block_args": {"attn_layer": "ese"}}),  # effective SE (one fc, hard sigmoid)
+              ("mobilenetv2_050", {"num_classes": 5}),  # depthwise convs; a residual stream without activation
+              ("mobilenetv3_small_050", {"num_classes": 5}),  # hard-swish, hard-sigmoid SE, a conv head after pooling
+              ("efficientnet_b0", {"num_classes": 5}),
+              ("regnety_002", {"num_classes": 5}),  # grouped convs (gates keep whole conv groups) and SE
+              ("legacy_seresnet18", {"num_classes": 5}),  # one ReLU module used three times per block: a gate per call
+              ("hrnet_w18_small", {"num_classes": 5}),  # parallel resolutions fused by upsampling and adds
+              ("repvit_m1", {"num_classes": 5})]  # a distilled model: two heads averaged into the output
 ARCHITECTURES = CORE + DECLARED + DISCOVERED
 
 
@@ -86,11 +96,11 @@ def record_output_dtypes(monkeypatch: pytest.MonkeyPatch, layer: type[torch.nn.M
 
 
 def make_teacher(name: str, kwargs: dict, seed: int) -> torch.nn.Module:
-    """A teacher with random BN affine parameters and running statistics gathered on data (not timm's defaults)."""
+    """A teacher with random norm affine parameters and BN running statistics gathered on data (not timm's defaults)."""
     torch.manual_seed(seed)
     model = timm.create_model(name, **kwargs)
     for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
             torch.nn.init.normal_(m.bias, std=0.5)
     model.train()

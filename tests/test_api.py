@@ -50,6 +50,24 @@ def test_merge_models_runs_every_stage_and_measures(teachers, data):
         assert torch.equal(v, before[k])
 
 
+def test_three_teachers_merge_into_one_student_whose_card_lists_them_all(teachers, data, tmp_path):
+    """k = 3 through merge_models: a three-wide big student (the mean of three), gates keeping a third of every group,
+    metrics for every teacher, and a record and card naming all three."""
+    third = make_teacher("netmerge_lenet", {"num_classes": 4}, 2)
+    result = hm.merge_models(*teachers, data[0], data[1], hm.MergeConfig(**FAST), more_teachers=[third], run=QUIET)
+    assert {"teacher_a", "teacher_b", "teacher_c"} <= set(result.metrics)
+    assert result.metrics["big_student"]["loss"] == pytest.approx(result.metrics["ensemble"]["loss"], rel=1e-5)
+    for s in result.gate_stats:
+        assert s.size == 3 * s.kept and len(s.kept_per_teacher) == 3 and sum(s.kept_per_teacher) == s.kept
+    timm.create_model("netmerge_lenet", num_classes=4).load_state_dict(result.student.state_dict(), strict=True)
+    out = result.save_pretrained(tmp_path / "student")
+    record = json.loads((out / "netmerge_config.json").read_text())
+    assert len(record["teachers"]) == 3 and all(len(g["kept_per_teacher"]) == 3 for g in record["gate_stats"])
+    card = ModelCard.load(out / "README.md").text
+    assert "merging 3 teachers" in card and "1/3 of every channel group" in card and "- Teacher C:" in card
+    assert "| from A | from B | from C |" in card
+
+
 def test_save_pretrained_loads_back_with_timm(teachers, data, tmp_path):
     result = hm.merge_models(*teachers, data[0], data[1], hm.MergeConfig(**FAST), run=QUIET)
     out = result.save_pretrained(tmp_path / "student")

@@ -63,43 +63,140 @@ def test_resnet50_has_a_stem_stream_and_two_inner_groups_per_block():
     assert sum("inner" in g.name for g in spec.groups) == 32
 
 
-class LayerScaled(nn.Module):
-    def __init__(self):
+class Tiny(nn.Module):
+    """conv → ``middle`` → pool → linear: one op or layer under test between a conv and the head."""
+
+    def __init__(self, middle: nn.Module | None = None, gamma: torch.Tensor | None = None, sigmoid: bool = False,
+                 permute: tuple[int, ...] | None = None) -> None:
         super().__init__()
+        self.permute = permute
         self.conv = nn.Conv2d(3, 8, 3)
         self.act = nn.ReLU()
-        self.gamma = nn.Parameter(torch.ones(8, 1, 1))
+        self.middle = middle or nn.Identity()
+        if gamma is not None:
+            self.gamma = nn.Parameter(gamma)
+        self.sigmoid = sigmoid
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(8, 2)
+        self.fc = nn.Linear(self.middle.out_channels if isinstance(self.middle, nn.Conv2d) else 8, 2)
 
     def forward(self, x):
-        return self.fc(self.flatten(self.pool(self.act(self.conv(x)) * self.gamma)))
+        x = self.middle(self.act(self.conv(x)))
+        if hasattr(self, "gamma"):
+            x = x * self.gamma
+        if self.sigmoid:
+            x = torch.sigmoid(x)
+        if self.permute:
+            x = x.permute(*self.permute)
+        return self.fc(self.flatten(self.pool(x)))
 
 
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: timm.create_model("convnext_atto"), r"'stem.1' \(LayerNorm2d\)"),
-        (lambda: timm.create_model("mobilenetv2_050"), r"'blocks.0.0.conv_dw' is a grouped or depthwise"),
-        (lambda: timm.create_model("regnetx_002"), r"grouped or depthwise convolution"),
+        (lambda: Tiny(permute=(0, 1, 3, 2)), r"op 'permute' in module '<root>' \(Tiny\) reorders dimensions \(0, 1, 3, 2\)"),
+        (lambda: Tiny(permute=(0, 2, 3, 1)), r"module 'pool' \(AdaptiveAvgPool2d\) reads a channels-last tensor"),
         (lambda: timm.create_model("nf_resnet26"), r"ScaledStdConv2d"),
-        (lambda: timm.create_model("seresnet18"), r"module 'layer1.0.se' \(SEModule\)"),
         (lambda: timm.create_model("densenet121"), r"op 'cat' in module 'features.denseblock1.denselayer1' \(DenseLayer\)"),
-        (lambda: LayerScaled(), r"<root LayerScaled>"),
+        (lambda: Tiny(gamma=torch.ones(8, 1, 1)), r"<root Tiny>"),  # a 3-d layer scale held by the root
+        (lambda: Tiny(nn.Conv2d(8, 16, 3, groups=4)), r"module 'middle' is a grouped convolution \(groups=4\) from 8 to 16"),
+        (lambda: Tiny(sigmoid=True), r"module 'fc' reads channels that passed no activation where a gate can sit \(a sigmoid"),
     ],
-    ids=["layernorm", "depthwise", "grouped", "weight-standardized", "squeeze-excitation", "concatenation", "layer-scale"],
+    ids=["permute", "pool-channels-last", "weight-standardized", "concatenation", "layer-scale-3d", "grouped-widening", "sigmoid-read"],
 )
 def test_unmergeable_models_get_a_typed_error_naming_the_module(make, match):
     model = make()
     with pytest.raises(hm.UnsupportedModelError, match=match):
-        resolve_spec(model) if not isinstance(model, LayerScaled) else resolve_spec_with_example(model)
+        resolve_spec(model) if not isinstance(model, Tiny) else resolve_spec_with_example(model)
 
 
 def resolve_spec_with_example(model):
     from hf_netmerge.adapters.traced import discover_spec
 
-    return discover_spec(model, "layer_scaled", example=torch.randn(2, 3, 8, 8))
+    return discover_spec(model, "tiny", example=torch.randn(2, 3, 8, 8))
+
+
+def test_squeeze_excitation_reads_gated_channels():
+    """seresnet18's SE pools the block's last norm output, which no activation follows: that norm becomes a gate site
+    of the block's stream, so the SE reads the channels as gated as everything else does."""
+    spec = resolve_spec(timm.create_model("seresnet18"))
+    stream = next(g for g in spec.groups if "layer1.0.se.fc1" in {c.module for c in g.consumers})
+    assert {"layer1.0.bn2", "layer1.1.bn2"} <= set(stream.gate_sites) and "layer1.0.se.fc2" in stream.producers
+    hidden = next(g for g in spec.groups if g.producers == ("layer1.0.se.fc1",))
+    assert hidden.consumers[0].module == "layer1.0.se.fc2"
+
+
+def test_an_activation_module_used_several_times_gates_each_call_with_its_group():
+    """legacy_seresnet18's blocks call one ReLU module three times (inner layer, SE-gated stream, after the add): each
+    call is a gate site of its own group (``relu#i``), and the count restarts with every forward pass."""
+    from hf_netmerge.gates import ReusedGateSite
+
+    spec = resolve_spec(timm.create_model("legacy_seresnet18"))
+    owner = {site: g.name for g in spec.groups for site in g.gate_sites}
+    assert {"layer1.0.relu#0", "layer1.0.relu#1"} <= set(owner) and owner["layer1.0.relu#0"] != owner["layer1.0.relu#1"]
+    a, b = make_teacher("legacy_seresnet18", {"num_classes": 5}, 0), make_teacher("legacy_seresnet18", {"num_classes": 5}, 1)
+    gated = hm.add_gates(hm.concatenate(a, b)).train()
+    site = gated.model.get_submodule("layer1.0.relu")
+    assert isinstance(site, ReusedGateSite) and sorted(site.calls) == [0, 1, 2]
+    assert site.calls[0].gate is gated.gates[owner["layer1.0.relu#0"]]
+    gated(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert site.made == 0 and all(g.log_alpha.grad is not None for g in gated.gates.values())
+
+
+def test_distilled_heads_are_both_averaged_over_the_teachers():
+    """repvit_m1 averages a classifier and a distillation head: both become heads of the big student."""
+    spec = resolve_spec(timm.create_model("repvit_m1"))
+    heads = [name for name, (out, inp, _) in spec.layer_roles().items() if out is None]
+    assert sorted(heads) == ["head.head.l", "head.head_dist.l"] and spec.output_layer in heads
+
+
+def test_grouped_convolutions_make_gates_cover_whole_conv_groups():
+    """regnetx_002's grouped 3×3 conv (groups of 8 channels) joins its input and output into one group of unit 8;
+    the big student has twice the conv groups, and compression keeps whole conv groups."""
+    a, b = make_teacher("regnetx_002", {"num_classes": 5}, 0), make_teacher("regnetx_002", {"num_classes": 5}, 1)
+    spec = resolve_spec(a)
+    group = next(g for g in spec.groups if "s1.b1.conv2.conv" in g.channelwise)
+    assert group.unit == a.get_submodule("s1.b1.conv2.conv").in_channels // a.get_submodule("s1.b1.conv2.conv").groups > 1
+    gated = hm.add_gates(hm.concatenate(a, b))
+    assert gated.gates[group.name].size == 2 * group.size // group.unit
+    keep = gated.keep_indices()[group.name]
+    assert torch.equal(keep.view(-1, group.unit), keep.view(-1, group.unit)[:, :1] + torch.arange(group.unit))
+    student = hm.compress(gated)
+    assert student.get_submodule("s1.b1.conv2.conv").groups == a.get_submodule("s1.b1.conv2.conv").groups
+
+
+@pytest.mark.parametrize("conv_mlp", [True, False], ids=["LayerNorm2d", "channels-last"])
+def test_layernorm_over_channels_is_split_in_the_big_student_and_its_gap_reported(conv_mlp):
+    """convnext_atto: each teacher's LayerNorm over channels (LayerNorm2d, or with ``conv_mlp=False`` a LayerNorm and
+    linear layers on channels-last tensors between two permutes) normalizes its own part of the big student (exact mean
+    of the teachers); a student keeping channels of both teachers under one LayerNorm is not exact, and the statistics
+    say where; kept from one teacher only, it is exact."""
+    from hf_netmerge.models.split_norm import SplitNorm
+
+    kwargs = {"num_classes": 5, "conv_mlp": conv_mlp}
+    a, b = make_teacher("convnext_atto", kwargs, 0), make_teacher("convnext_atto", kwargs, 1)
+    x = torch.randn(2, 3, 32, 32)
+    big = hm.concatenate(a, b).eval()
+    assert isinstance(big.stem[1], SplitNorm)
+    with torch.no_grad():
+        expected = (a(x) + b(x)) / 2
+        torch.testing.assert_close(big(x), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    gated = hm.add_gates(big)
+    assert gated.mixed_norm_groups
+    with torch.no_grad():
+        for name, gate in gated.gates.items():  # teacher A's part of every group open, B's closed
+            gate.log_alpha.copy_(torch.where(torch.arange(gate.size) < gate.size // 2, 8.0, -8.0))
+        gated.eval()
+        student = hm.compress(gated).eval()
+        reference = gated(x)
+        torch.testing.assert_close(student(x), reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+        assert all(s.exact_compression for s in gated.statistics())
+        for gate in gated.gates.values():  # alternate channels: both teachers under each LayerNorm
+            gate.log_alpha.copy_(torch.where(torch.arange(gate.size) % 2 == 0, 8.0, -8.0))
+        mixed = {s.group for s in gated.statistics() if not s.exact_compression}
+        assert mixed == gated.mixed_norm_groups
+        assert (hm.compress(gated).eval()(x) - gated(x)).abs().max() > 1e-3
+    timm.create_model("convnext_atto", **kwargs).load_state_dict(student.state_dict(), strict=True)
 
 
 def test_channel_mixing_attention_is_refused_when_traced():
@@ -130,5 +227,8 @@ def test_inspect_prints_groups(capsys):
     assert "resnet18: 12 channel groups" in out and "stream0  size 64  [declared]" in out
     assert main(["inspect", "darknet17"]) == 0
     assert "[discovered]" in capsys.readouterr().out
-    assert main(["inspect", "convnext_atto"]) == 2
-    assert "LayerNorm2d" in capsys.readouterr().err
+    assert main(["inspect", "regnetx_002"]) == 0
+    out = capsys.readouterr().out
+    assert "unit 8" in out and "grouped    s1.b1.conv2.conv" in out
+    assert main(["inspect", "densenet121"]) == 2
+    assert "op 'cat'" in capsys.readouterr().err

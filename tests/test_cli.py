@@ -31,6 +31,18 @@ def test_merge_takes_threads_and_the_first_n_training_examples(tmp_path, monkeyp
     assert [stage["samples"] for stage in record["stages"]] == [300, 300]  # one epoch each over the first 300 examples
 
 
+def test_merge_takes_any_number_of_teachers_but_at_least_two(tmp_path):
+    for i in range(3):
+        save_for_hf(make_teacher("netmerge_sine_mlp", {}, i), tmp_path / f"t{i}", safe_serialization=True)
+    teachers = [str(tmp_path / f"t{i}") for i in range(3)]
+    common = ["--dataset", "sine", "--max-train-samples", "256", "--set", "gate_epochs=1", "--set", "finetune_epochs=1", "--no-progress"]
+    assert main(["merge", *teachers, "--output-dir", str(tmp_path / "out"), *common]) == 0
+    record = json.loads((tmp_path / "out" / "netmerge_config.json").read_text())
+    assert [t["reference"] for t in record["teachers"]] == teachers
+    assert main(["merge", teachers[0], "--output-dir", str(tmp_path / "one"), *common]) == 2
+    assert not (tmp_path / "one").exists()
+
+
 def test_merge_logs_every_stage_to_tensorboard_beside_the_output(tmp_path):
     for i in range(2):
         save_for_hf(make_teacher("netmerge_sine_mlp", {}, i), tmp_path / f"t{i}", safe_serialization=True)

@@ -1,10 +1,12 @@
 """Beyond the supported families: a timm model is merged exactly or refused with an UnsupportedModelError that names the
-module at fault, never another exception (timm's tiny ``test_*`` models, one per kind, and models that used to crash).
-The full table, one model per timm family, is ``benchmarks/coverage.py``."""
+module at fault, never another exception: timm's tiny ``test_*`` models, and one model per timm family (the smallest
+variant, as ``benchmarks/coverage.py`` lists it in its committed table; that benchmark also checks compression)."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 import timm
@@ -17,12 +19,32 @@ from hf_netmerge.errors import UnsupportedModelError
 NAMED = re.compile(r"module '[^']+'")
 
 
+# One representative per timm family (its smallest variant), as the committed coverage table lists them.
+COVERAGE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "coverage.json"
+FAMILIES = [(r["family"], r["model"]) for r in json.loads(COVERAGE.read_text())["rows"]
+            if r["outcome"] != "skipped" and timm.is_model(r["model"])]
+
+
 def _inputs(model: torch.nn.Module) -> torch.Tensor:
-    return torch.randn(2, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
+    """Two inputs of the model's size, at most 64 px unless the model fixes its input size (ViTs)."""
+    cfg = model.pretrained_cfg
+    channels, *size = cfg["input_size"]
+    size = size if cfg.get("fixed_input_size", False) else [min(s, 64) for s in size]
+    return torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("name", timm.list_models("test_*"))
 def test_a_timm_model_merges_exactly_or_is_refused_naming_the_module(name):
+    _merges_exactly_or_is_refused_by_name(name)
+
+
+@pytest.mark.parametrize("family,name", FAMILIES, ids=[f for f, _ in FAMILIES])
+def test_every_timm_family_merges_exactly_or_is_refused_naming_the_module(family, name):
+    """No timm family makes the merge raise anything but a NetMergeError naming the module or op at fault."""
+    _merges_exactly_or_is_refused_by_name(name)
+
+
+def _merges_exactly_or_is_refused_by_name(name: str) -> None:
     torch.manual_seed(0)
     a = timm.create_model(name).eval()
     try:
@@ -38,7 +60,7 @@ def test_a_timm_model_merges_exactly_or_is_refused_naming_the_module(name):
         torch.testing.assert_close(hm.concatenate(a, b).eval()(x), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
-@pytest.mark.parametrize(("name", "module"), [("resnet50_gn", "bn1"), ("seresnet18", "layer1.0.se"), ("ecaresnet26t", "layer1.0.se")])
-def test_resnet_variants_the_adapter_cannot_split_are_refused_by_module(name, module):
-    with pytest.raises(UnsupportedModelError, match=re.escape(f"module '{module}'")):
-        resolve_spec(timm.create_model(name))
+def test_resnet_variants_with_channel_mixing_attention_are_refused_by_module():
+    """ECA mixes neighbouring channels (a Conv1d over the channel axis): refused, naming the module."""
+    with pytest.raises(UnsupportedModelError, match=re.escape("in module 'layer1.0.se' (EcaModule)")):
+        resolve_spec(timm.create_model("ecaresnet26t"))

@@ -248,6 +248,9 @@ def test_gates_keep_no_extra_activation_at_relu_sites(name, kwargs):
         if isinstance(site, GateSite) and type(site.base) is not nn.ReLU:
             site.register_forward_hook(lambda m, i, o, key=site_name: outputs.__setitem__(key, o.numel() * o.element_size()))
     # Each gate's fp32 (batch, channels) sample keeps three such tensors (sigmoid output, clamp input, the sample);
-    # a ReLU site adds nothing else, another site may keep its base's output besides the gated one.
+    # a ReLU site adds nothing else, another site may keep its base's output besides the gated one; where one gate
+    # covers a unit of several channels, each site also keeps the sample repeated to a (batch, channels) tensor.
     samples = sum(3 * 4 * x.shape[0] * gate.size for gate in gated.gates.values())
+    samples += sum(4 * x.shape[0] * site.gate.size * site.unit for site in gated.model.modules()
+                   if isinstance(site, GateSite) and site.unit > 1)
     assert _saved_activation_bytes(gated, x) - plain <= samples + sum(outputs.values())

@@ -4,6 +4,8 @@ invariants of channel permutations, which weight matching (the align-and-average
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -11,7 +13,9 @@ from conftest import ARCHITECTURES, arch_ids, input_shape, make_teacher
 
 import hf_netmerge as hm
 from hf_netmerge.adapters import resolve_spec
+from hf_netmerge.gates import BETA, GAMMA, ZETA
 from hf_netmerge.matching import match_weights, permute
+from hf_netmerge.surgery import expand_index
 
 
 def _assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -40,6 +44,8 @@ def test_big_student_equals_teacher_mean(name, kwargs):
     for g in big.netmerge_spec.groups:
         for p in g.producers:
             assert big.get_submodule(p).weight.shape[0] == 2 * g.size
+        for c in g.channelwise:  # a grouped conv: the teachers' conv groups side by side
+            assert big.get_submodule(c).groups == 2 * a.get_submodule(c).groups
 
 
 @pytest.mark.parametrize("name,kwargs", ARCHITECTURES, ids=arch_ids(ARCHITECTURES))
@@ -65,8 +71,9 @@ def test_compressed_student_equals_masked_big_student_and_loads_strictly(name, k
 
 
 def _random_perms(model, seed: int) -> dict[str, torch.Tensor]:
+    """A random permutation of every group's units (conv groups, norm groups), as channel indices."""
     gen = torch.Generator().manual_seed(seed)
-    return {g.name: torch.randperm(g.size, generator=gen) for g in resolve_spec(model).groups}
+    return {g.name: expand_index(torch.randperm(g.size // g.unit, generator=gen), g.unit) for g in resolve_spec(model).groups}
 
 
 @pytest.mark.parametrize("name,kwargs", ARCHITECTURES, ids=arch_ids(ARCHITECTURES))
@@ -79,8 +86,9 @@ def test_permuting_channels_group_by_group_keeps_the_function(name, kwargs):
         assert not all(torch.equal(p, q) for p, q in zip(permuted.state_dict().values(), model.state_dict().values()))
 
 
-MATCHED = [case for case in ARCHITECTURES if case[0] in {"netmerge_sine_mlp", "netmerge_lenet_bn", "netmerge_mlp_bn", "netmerge_resnet20",
-                                                          "netmerge_vgg11_cifar", "resnet18", "resnetv2_18"}]
+MATCHED = [case for case in ARCHITECTURES if not {"norm_layer", "block_args"} & set(case[1]) and case[0] in {
+    "netmerge_sine_mlp", "netmerge_lenet_bn", "netmerge_mlp_bn", "netmerge_resnet20", "netmerge_vgg11_cifar", "resnet18", "resnetv2_18",
+    "mobilenetv2_050", "seresnet18"}]
 
 
 @pytest.mark.parametrize("name,kwargs", MATCHED, ids=arch_ids(MATCHED))
@@ -90,3 +98,43 @@ def test_weight_matching_recovers_a_planted_permutation(name, kwargs):
     aligned = permute(b, match_weights(a, b))
     for (key, va), vb in zip(a.state_dict().items(), aligned.state_dict().values()):
         assert torch.equal(va, vb), key
+
+
+THREE = [case for case in ARCHITECTURES if case[0] in {"netmerge_sine_mlp", "netmerge_lenet", "netmerge_resnet20", "regnety_002"}]
+
+
+@pytest.mark.parametrize("name,kwargs", THREE, ids=arch_ids(THREE))
+def test_three_teachers_big_student_is_their_mean_and_compresses_to_a_third(name, kwargs):
+    """k = 3: a three-wide big student computes the mean of three teachers; with a third of every group's units open it
+    compresses to exactly the gated model, in the teachers' architecture."""
+    teachers = [make_teacher(name, kwargs, seed) for seed in range(3)]
+    x = torch.randn(input_shape(teachers[0], 4))
+    big = hm.concatenate(*teachers).eval()
+    with torch.no_grad():
+        _assert_same(big(x), sum(t(x) for t in teachers) / 3)
+    gated = hm.add_gates(big)
+    assert gated.teachers == 3
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for g in gated.spec.groups:
+            gate = gated.gates[g.name]
+            assert gate.size == 3 * g.size // g.unit
+            gate.log_alpha.copy_(torch.where(torch.randperm(gate.size, generator=gen) < gate.size // 3, 8.0, -8.0))
+    gated.eval()
+    with torch.no_grad():
+        student = hm.compress(gated).eval()
+        _assert_same(student(x), gated(x))
+    timm.create_model(name, **kwargs).load_state_dict(student.state_dict(), strict=True)
+    stats = gated.statistics()
+    assert all(len(s.kept_per_teacher) == 3 and sum(s.kept_per_teacher) == s.kept == s.size // 3 for s in stats)
+    with torch.no_grad():  # every gate open with probability 1/3: the k-teacher penalty (1/k − mean P)² is zero
+        for gate in gated.gates.values():
+            gate.log_alpha.fill_(math.log(1 / 3 / (1 - 1 / 3)) + BETA * math.log(-GAMMA / ZETA))
+        assert float(gated.half_penalty()) < 1e-10
+
+
+def test_weight_matching_refuses_groups_tied_in_units():
+    """Grouped convolutions tie channels in conv groups; matching permutes single channels, so it refuses by group."""
+    a = make_teacher("regnety_002", {"num_classes": 5}, 0)
+    with pytest.raises(hm.UnsupportedModelError, match=r"group '.*' ties its channels in units of"):
+        match_weights(a, a)

@@ -124,6 +124,8 @@ data: {{dataset: {dataset}}}
         ("too small for a batch", ["batch_size=128"], "fewer than one batch"),
         ("unknown architecture", ["architecture=no_such_net"], "not a timm model"),
         ("merge owns a recipe key", ["merge.batch_size=4"], "top level"),
+        ("weight matching a grouped conv net", ["architecture=regnetx_002", "baselines=[weight_matching]"],
+         "weight matching permutes single channels"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

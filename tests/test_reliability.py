@@ -192,7 +192,7 @@ REFUSALS = {
     "shape mismatch": (_pair(lambda: _teacher(1, hidden_sizes=(100, 80))), None, hm.ShapeMismatchError),
     "dtype mismatch": (_pair(lambda: _teacher(1).double()), None, hm.DtypeMismatchError),
     "non-finite weights": (_pair(lambda: _nan(_teacher(1))), None, hm.NonFiniteWeightsError),
-    "unsupported layer (LayerNorm2d)": (_unmergeable("convnext_atto"), None, hm.UnsupportedModelError),
+    "unsupported op (concatenation)": (_unmergeable("ghostnet_050"), None, hm.UnsupportedModelError),
     "unsupported model (ViT)": (_unmergeable("test_vit"), None, hm.UnsupportedModelError),
     "empty dataset": (_pair(), lambda: image_dataset(32, 4).select([]), hm.EmptyDatasetError),
     "smaller than one batch": (_pair(), lambda: image_dataset(8, 4), hm.DatasetTooSmallError),

@@ -152,7 +152,7 @@ def test_stacked_seeds_give_the_sequential_results():
         for key in ("student", "bo3", "one_model", "teacher_a", "teacher_b", "ensemble"):
             assert b.row[key] == pytest.approx(a.row[key], rel=RTOL), key
         assert b.row["validation"] == pytest.approx(a.row["validation"], rel=RTOL)
-        assert [g["kept_from_a"] for g in b.row["gate_stats"]] == [g["kept_from_a"] for g in a.row["gate_stats"]]
+        assert [g["kept_per_teacher"] for g in b.row["gate_stats"]] == [g["kept_per_teacher"] for g in a.row["gate_stats"]]
         assert [r.history[-1]["loss"] for r in b.trained["student"].reports] == pytest.approx(
             [r.history[-1]["loss"] for r in a.trained["student"].reports], rel=RTOL)
 

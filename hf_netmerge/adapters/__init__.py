@@ -1,7 +1,8 @@
 """Adapters declare, per model family, which channels are coupled and where gates go.
 
 An adapter is a function ``model -> MergeSpec`` registered for one or more model classes; it
-only names modules and reads sizes. All tensor work lives in :mod:`hf_netmerge.surgery`.
+only names modules and reads sizes, and returns None for a variant it leaves to tracing. All
+tensor work lives in :mod:`hf_netmerge.surgery`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..spec import MergeSpec, validate_spec
 
-Adapter = Callable[[nn.Module], MergeSpec]
+Adapter = Callable[[nn.Module], MergeSpec | None]
 _ADAPTERS: dict[type[nn.Module], Adapter] = {}
 
 
@@ -36,7 +37,7 @@ def architecture_name(model: nn.Module) -> str:
 
 
 def declared_spec(model: nn.Module) -> MergeSpec | None:
-    """The spec the registered adapter of ``model``'s class declares, or None when there is none."""
+    """The spec the registered adapter of ``model``'s class declares, or None when there is none (or it declines)."""
     adapter = _ADAPTERS.get(type(model))
     return adapter(model) if adapter is not None else None
 

@@ -3,7 +3,9 @@
 One group per residual stream, shared by every layer writing into it (the stem, each block's last
 conv and norm, the shortcut conv and norm) and gated after each add + ReLU; a stage whose first
 block has a shortcut projection starts a new stream. Each block's inner channels get their own
-group, and so does each inner layer of a deep stem.
+group, and so does each inner layer of a deep stem. Variants with attention inside their blocks
+(squeeze-excitation, ECA) or norms other than BatchNorm (``resnet50_gn``) are left to the traced
+adapter, which gates what their extra layers read and refuses, by module, what cannot merge.
 """
 
 from __future__ import annotations
@@ -74,34 +76,29 @@ def _stem(model: nn.Module, groups: list[ChannelGroup]) -> tuple[str, str]:
 def _block_layers(block: nn.Module, name: str) -> list[tuple[str, str, str]]:
     """(conv, norm, act) names of block ``name``, in order; the last triple writes into the stream."""
     if isinstance(block, Bottleneck):
-        layers = [("conv1", "bn1", "act1"), ("conv2", "bn2", "act2"), ("conv3", "bn3", "act3")]
-    elif isinstance(block, BasicBlock):
-        layers = [("conv1", "bn1", "act1"), ("conv2", "bn2", "act2")]
-    else:
-        raise UnsupportedModelError(f"module {name!r} ({type(block).__name__}) is not a residual block the ResNet adapter knows")
-    for _, norm, _ in layers:
-        _check_norm(getattr(block, norm), f"{name}.{norm}")
-    return layers
+        return [("conv1", "bn1", "act1"), ("conv2", "bn2", "act2"), ("conv3", "bn3", "act3")]
+    if isinstance(block, BasicBlock):
+        return [("conv1", "bn1", "act1"), ("conv2", "bn2", "act2")]
+    raise UnsupportedModelError(f"module {name!r} ({type(block).__name__}) is not a residual block the ResNet adapter knows")
 
 
-def _check_norm(norm: nn.Module, name: str) -> None:
-    """The adapter splits BatchNorm channel by channel; other norms (GroupNorm: resnet50_gn) are refused by name."""
-    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        raise UnsupportedModelError(f"module {name!r} ({type(norm).__name__}) is not a BatchNorm; the ResNet adapter merges BatchNorm only")
-
-
-def _check_block(block: nn.Module, name: str) -> None:
-    for attr in ("se", "aa"):
-        sub = getattr(block, attr, None)
-        if sub is not None and not isinstance(sub, nn.Identity):
-            raise UnsupportedModelError(f"module '{name}.{attr}' ({type(sub).__name__}) is not supported by the ResNet adapter")
+def _plain(model: nn.Module) -> bool:
+    """Whether every norm is a BatchNorm and every block a BasicBlock or Bottleneck without an attention or anti-aliasing
+    module: what this adapter declares (Res2Net, ResNeSt, SK blocks and the rest are traced)."""
+    if any(isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for m in model.modules()):
+        return False
+    blocks = [b for n, stage in model.named_children() if n.startswith("layer") for b in stage]
+    return all(isinstance(b, (BasicBlock, Bottleneck)) for b in blocks) and not any(
+        getattr(b, attr, None) is not None and not isinstance(getattr(b, attr), nn.Identity) for b in blocks for attr in ("se", "aa"))
 
 
 @register_adapter(ResNet, CifarResNet)
-def resnet_spec(model: nn.Module) -> MergeSpec:
+def resnet_spec(model: nn.Module) -> MergeSpec | None:
+    """The declared groups of a plain ResNet; None (trace it) for variants with attention or other norms."""
+    if not _plain(model):
+        return None
     groups: list[ChannelGroup] = []
     input_layer, stem_out = _stem(model, groups)
-    _check_norm(model.bn1, "bn1")
     stream = _Stream("stream0", model.bn1.num_features)
     stream.producers.append(stem_out)
     stream.norms.append("bn1")
@@ -110,7 +107,6 @@ def resnet_spec(model: nn.Module) -> MergeSpec:
     for stage in stages:
         for index, block in enumerate(getattr(model, stage)):
             prefix = f"{stage}.{index}"
-            _check_block(block, prefix)
             layers = _block_layers(block, prefix)
             stream.consumers.append(f"{prefix}.{layers[0][0]}")
             if block.downsample is not None:

@@ -1,11 +1,21 @@
 """Automatic channel-group discovery for timm CNNs without a declared adapter.
 
-The model runs one real forward pass (eval mode, no grad) while every tensor is tagged with the
+The model runs a real forward pass (eval mode, no grad) while every tensor is tagged with the
 channel space it lives in. Weight layers start new spaces; norms, activations, pools, dropout and
 flatten keep them; an element-wise op between two spaces (a residual add, a squeeze-excitation
-product) joins them with union-find. Anything that would mix or reorder channels (normalization
-across channels, a channel-mixing Conv1d as in ECA, grouped convolutions, reshapes, concatenation,
-a bare parameter such as a layer scale) raises :class:`UnsupportedModelError` naming the module or op.
+product) joins them with union-find; a grouped or depthwise convolution with as many outputs as
+inputs maps a space onto itself, conv group by conv group (the space's gates then cover whole conv
+groups, as they cover whole GroupNorm groups). A permute to NHWC and back is followed (linear layers,
+LayerNorm and activations may act on the channels-last tensor between). Anything that would mix or
+reorder channels (a channel-mixing Conv1d as in ECA, reshapes, concatenation, splits, a parameter
+shared by all channels) raises :class:`UnsupportedModelError` naming the module or op.
+
+Every layer that mixes channels must read them *gated*: zero on a channel whose gate is closed, so
+dropping that channel changes nothing. Each tensor's tag records which modules' ungated values reach
+it (a conv's or norm's output not yet through a gate). A pass that finds a consumer reading ungated
+values (a squeeze-excitation pooling a norm's output, the linear bottleneck of a MobileNet reading a
+residual stream without activation) names those modules; they become gate sites and the pass runs
+again. Values no gate can zero (a sigmoid's) are refused where a layer reads them.
 
 A real pass rather than ``torch.fx`` symbolic tracing: timm's CNNs branch on tensor shapes (VGG's
 ConvMlp pools small inputs up to 7×7), which symbolic tracing cannot follow.
@@ -14,23 +24,34 @@ ConvMlp pools small inputs up to 7×7), which symbolic tracing cannot follow.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
+from timm.layers import LayerNorm, LayerNorm2d, LayerScale2d
+from timm.layers.norm_act import LayerNormAct2d
+from timm.layers import activations as timm_activations
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..errors import UnsupportedModelError
-from ..spec import EXACT_WEIGHT_LAYERS, ChannelGroup, Consumer, MergeSpec
+from ..spec import CALL, EXACT_WEIGHT_LAYERS, ChannelGroup, Consumer, MergeSpec, common_unit
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+CHANNELS_LAST_NORMS = (nn.LayerNorm, LayerNorm)  # exact classes: a LayerNorm over the last dim of a channels-last tensor
+CHANNELS_FIRST_LAYER_NORMS = (LayerNorm2d, LayerNormAct2d)  # exact classes: a LayerNorm over dim 1 of an NCHW tensor
+SCALES = (LayerScale2d,)  # a per-channel ``gamma``
+# Activations by class; a gate after each. timm's own classes are the functional forms wrapped as modules.
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
+               nn.Mish, nn.PReLU, *(getattr(timm_activations, n) for n in (
+                   "Swish", "Mish", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "HardMish", "GELU", "GELUTanh", "QuickGELU",
+                   "PReLU") if hasattr(timm_activations, n)))
+LAYOUT_FREE = (nn.Identity, nn.Dropout)  # pass-through in either layout; the rest of PASS_THROUGH needs channels first
 PASS_THROUGH = (
-    nn.Identity,
-    nn.Dropout,
+    *LAYOUT_FREE,
     nn.Dropout2d,
     nn.MaxPool2d,
     nn.AvgPool2d,
@@ -40,40 +61,72 @@ PASS_THROUGH = (
     nn.Upsample,
     nn.ZeroPad2d,
 )
-# Functions (by name) that act on each channel separately.
-_UNARY = {
-    "relu", "relu_", "gelu", "silu", "sigmoid", "sigmoid_", "tanh", "hardswish", "hardsigmoid", "leaky_relu", "elu", "mish",
-    "clamp", "clamp_", "clamp_min", "clamp_max", "dropout", "contiguous", "clone", "float", "to", "type_as",
-    "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "interpolate", "pad", "__neg__", "neg",
+# Functions (by name) that act on each channel separately and map 0 to 0 (a gated channel stays gated) ...
+_ZERO_KEEPING = {
+    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "gelu", "silu", "silu_", "tanh", "tanh_", "hardswish", "hardswish_",
+    "leaky_relu", "leaky_relu_", "elu", "elu_", "mish", "mish_", "dropout", "contiguous", "clone", "float", "to",
+    "type_as", "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "interpolate", "pad", "__neg__",
+    "neg", "abs", "square",
 }
-_BINARY = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__", "__rsub__",
-           "mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__truediv__", "__itruediv__"}
+# ... and those that act on each channel separately but do not (their output is never gated).
+_SPATIAL = {"adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "interpolate", "pad", "flatten", "mean",
+            "sum", "amax"}  # need channels on dim 1
+_ZERO_MOVING = {"sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "exp"}
+_CLAMP = {"clamp", "clamp_", "clamp_min", "clamp_max"}  # zero-keeping when 0 lies within the bounds
+_ADD = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__", "__rsub__"}
+_MUL = {"mul", "mul_", "__mul__", "__imul__", "__rmul__"}
+_DIV = {"div", "div_", "__truediv__", "__itruediv__"}
 _SHAPE = {"size", "dim", "__len__", "numel", "shape", "__get__", "stride", "is_contiguous", "__bool__", "__format__", "__repr__"}
 INPUT = -1
+UNGATEABLE = ""  # in a tag's ``ungated``: values that no gate can make zero (a sigmoid's output)
 
 
 @dataclass
 class _Space:
     producers: list[str] = field(default_factory=list)
     norms: list[str] = field(default_factory=list)
+    channelwise: list[str] = field(default_factory=list)
+    scales: list[str] = field(default_factory=list)
     sites: list[str] = field(default_factory=list)
+    last_sites: list[str] = field(default_factory=list)
     consumers: list[tuple[str, int]] = field(default_factory=list)
+
+
+class _Refused(Exception):
+    """Carries a refusal out of an operator call (see :meth:`_Tracer.__torch_function__`)."""
+
+    def __init__(self, error: UnsupportedModelError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass
 class _Tag:
-    """What the tracer knows about one tensor: its channel space and whether it passed a gate site."""
+    """What the tracer knows about one tensor: its channel space and the modules whose ungated values reach it
+    (empty: the tensor is gated, zero wherever the space's gate is closed)."""
 
     space: int
-    gated: bool = False
+    ungated: frozenset[str] = frozenset()
+    parameter: bool = False  # a bare per-channel parameter, before its (1, C, 1, 1) view
+    last: bool = False  # channels on the last dimension (after a permute to NHWC), not on dim 1
+
+
+def _ungated_product(a: _Tag, b: _Tag) -> frozenset[str]:
+    """A product is gated when either factor is; otherwise gating the factor that can be gated suffices."""
+    if not a.ungated or not b.ungated:
+        return frozenset()
+    if UNGATEABLE in a.ungated:
+        return b.ungated
+    return a.ungated
 
 
 class _Tracer(TorchFunctionMode):
-    """Tags tensors with channel spaces during one forward pass."""
+    """Tags tensors with channel spaces during one forward pass; ``forced`` modules get a gate on their output."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, forced: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.names = {m: n for n, m in model.named_modules()}
+        self.forced = forced
         self.parent = [0]
         self.spaces: list[_Space] = [_Space()]
         self.tags: dict[int, _Tag] = {}
@@ -82,6 +135,7 @@ class _Tracer(TorchFunctionMode):
         self.calls: dict[str, int] = {}
         self.input_layers: list[str] = []
         self.stack: list[nn.Module] = []
+        self.needs_gate: set[str] = set()
 
     def find(self, s: int) -> int:
         while self.parent[s] != s:
@@ -107,38 +161,79 @@ class _Tracer(TorchFunctionMode):
     def tag_of(self, t: Any) -> _Tag | None:
         return self.tags.get(id(t)) if isinstance(t, torch.Tensor) else None
 
+    def _written(self, name: str, space: int) -> frozenset[str]:
+        """The ``ungated`` of a value module ``name`` creates in ``space``: none when it is a forced gate site."""
+        if name in self.forced:
+            self.spaces[self.find(space)].sites.append(name)
+            return frozenset()
+        return frozenset({name})
+
+    def reads_gated(self, tag: _Tag, reader: str) -> None:
+        """``reader`` mixes the channels of ``tag``'s tensor: note the modules that must gate it first, or refuse."""
+        if UNGATEABLE in tag.ungated:
+            raise UnsupportedModelError(
+                f"module {reader!r} reads channels that passed no activation where a gate can sit (a sigmoid or a "
+                "shifted value), so dropping a channel would change its output"
+            )
+        self.needs_gate |= tag.ungated
+
     # -- modules ---------------------------------------------------------------------------
     def module(self, module: nn.Module, args: tuple, output: Any) -> None:
         name = self.names.get(module, type(module).__name__)
         self.calls[name] = self.calls.get(name, 0) + 1
-        if self.calls[name] > 1 and (isinstance(module, WEIGHT_LAYERS + NORMS + ACTIVATIONS)):
+        if self.calls[name] > 1 and (isinstance(module, WEIGHT_LAYERS + NORMS)):
             raise UnsupportedModelError(f"module {name!r} is called more than once; give each use its own module")
         inputs = [self.tag_of(a) for a in args if isinstance(a, torch.Tensor)]
         tag = inputs[0] if inputs else None
         if tag is None:
             raise UnsupportedModelError(f"module {name!r} reads a tensor of unknown origin")
+        if tag.last and not isinstance(module, (nn.Linear, *CHANNELS_LAST_NORMS, *ACTIVATIONS, *LAYOUT_FREE)):
+            raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) reads a channels-last tensor; only linear "
+                                        "layers, LayerNorm, activations and dropout can")
         if isinstance(module, WEIGHT_LAYERS):
             self._weight_layer(name, module, args[0], tag, output)
         elif isinstance(module, NORMS):
-            if tag.space == INPUT:
-                raise UnsupportedModelError(f"norm {name!r} normalizes the network input")
-            space = self.spaces[self.find(tag.space)]
-            space.norms.append(name)
-            fused_act = getattr(module, "act", None)  # timm's BatchNormAct2d applies its activation inside
-            has_act = fused_act is not None and not isinstance(fused_act, nn.Identity)
-            if has_act:
-                space.sites.append(name)
-            self.tag(output, _Tag(tag.space, gated=has_act))
+            self._norm(name, module, tag, output)
         elif isinstance(module, ACTIVATIONS):
-            if tag.space != INPUT:
-                self.spaces[self.find(tag.space)].sites.append(name)
-            self.tag(output, _Tag(tag.space, gated=tag.space != INPUT))
+            if tag.space == INPUT:
+                self.tag(output, _Tag(INPUT))
+            else:  # an activation used several times (SENet's, HRNet's) gates each use: its call's site
+                site = name if self.calls[name] == 1 else f"{name}{CALL}{self.calls[name] - 1}"
+                space = self.spaces[self.find(tag.space)]
+                space.sites.append(site)
+                if tag.last:
+                    space.last_sites.append(site)
+                self.tag(output, _Tag(tag.space, last=tag.last))
+        elif isinstance(module, SCALES):
+            self.spaces[self.find(tag.space)].scales.append(f"{name}.gamma")
+            self.tag(output, _Tag(tag.space, tag.ungated))
         elif isinstance(module, PASS_THROUGH):
-            self.tag(output, _Tag(tag.space, tag.gated))
+            self.tag(output, _Tag(tag.space, tag.ungated, last=tag.last))
         else:
             raise UnsupportedModelError(
                 f"module {name!r} ({type(module).__name__}) cannot be merged exactly (it mixes channels or is unknown)"
             )
+
+    def _norm(self, name: str, module: nn.Module, tag: _Tag, output: torch.Tensor) -> None:
+        if tag.space == INPUT:
+            raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) normalizes the network input")
+        if isinstance(module, nn.LayerNorm):
+            layout = CHANNELS_LAST_NORMS if tag.last else CHANNELS_FIRST_LAYER_NORMS
+            if type(module) not in layout or len(module.normalized_shape) != 1:
+                raise UnsupportedModelError(
+                    f"module {name!r} ({type(module).__name__}) does not normalize over the channels alone "
+                    f"(normalized shape {tuple(module.normalized_shape)}, channels {'last' if tag.last else 'on dim 1'})"
+                )
+        space = self.spaces[self.find(tag.space)]
+        space.norms.append(name)
+        fused_act = getattr(module, "act", None)  # timm's BatchNormAct2d applies its activation inside
+        if fused_act is not None and not isinstance(fused_act, nn.Identity):
+            space.sites.append(name)
+            self.tag(output, _Tag(tag.space))
+        else:
+            if name in self.forced and tag.last:
+                space.last_sites.append(name)
+            self.tag(output, _Tag(tag.space, self._written(name, tag.space), last=tag.last))
 
     def _weight_layer(self, name: str, module: nn.Module, x: torch.Tensor, tag: _Tag, output: torch.Tensor) -> None:
         if type(module) not in EXACT_WEIGHT_LAYERS:
@@ -146,15 +241,15 @@ class _Tracer(TorchFunctionMode):
                 f"module {name!r} ({type(module).__name__}) transforms its weights; only plain Conv2d/Linear merge exactly"
             )
         if isinstance(module, nn.Conv2d) and module.groups != 1:
-            raise UnsupportedModelError(f"module {name!r} is a grouped or depthwise convolution (groups={module.groups})")
-        if isinstance(module, nn.Linear) and x.dim() != 2:
+            self._grouped_conv(name, module, tag, output)
+            return
+        if isinstance(module, nn.Linear) and x.dim() != 2 and not tag.last:
             raise UnsupportedModelError(f"linear layer {name!r} reads a {x.dim()}-d tensor; it would mix non-channel dims")
         if tag.space == INPUT:
             self.input_layers.append(name)
         else:
             space = self.spaces[self.find(tag.space)]
-            if not tag.gated:
-                raise UnsupportedModelError(f"module {name!r} reads channels that passed no activation where a gate can sit")
+            self.reads_gated(tag, name)
             size = self._size(tag.space)
             in_size = module.in_features if isinstance(module, nn.Linear) else module.in_channels
             if in_size % size:
@@ -162,7 +257,23 @@ class _Tracer(TorchFunctionMode):
             space.consumers.append((name, in_size // size))
         out = self.new_space()
         self.spaces[out].producers.append(name)
-        self.tag(output, _Tag(out))
+        if name in self.forced and tag.last:
+            self.spaces[out].last_sites.append(name)
+        self.tag(output, _Tag(out, self._written(name, out), last=tag.last))
+
+    def _grouped_conv(self, name: str, module: nn.Conv2d, tag: _Tag, output: torch.Tensor) -> None:
+        """A grouped or depthwise convolution maps its input space onto itself, conv group by conv group."""
+        if module.in_channels != module.out_channels:
+            raise UnsupportedModelError(
+                f"module {name!r} is a grouped convolution (groups={module.groups}) from {module.in_channels} to "
+                f"{module.out_channels} channels; only one with as many outputs as inputs merges"
+            )
+        if tag.space == INPUT:
+            raise UnsupportedModelError(f"module {name!r} is a grouped convolution (groups={module.groups}) on the network input")
+        self.spaces[self.find(tag.space)].channelwise.append(name)
+        # Without a bias a closed (zero) channel stays zero; a bias writes a new value.
+        ungated = tag.ungated if module.bias is None else self._written(name, tag.space)
+        self.tag(output, _Tag(tag.space, ungated))
 
     def _size(self, space: int) -> int:
         root = self.spaces[self.find(space)]
@@ -175,36 +286,89 @@ class _Tracer(TorchFunctionMode):
         output = func(*args, **kwargs)
         if self.leaf_depth:
             return output
+        try:
+            return self._function(func, args, kwargs, output)
+        except UnsupportedModelError as e:
+            # Not a TypeError on the way out: torch turns a TypeError inside an operator (``x ** 2``) into NotImplemented.
+            raise _Refused(e) from None
+
+    def _function(self, func: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Tag ``output`` of ``func`` from its inputs' tags, or refuse an op that would mix or reorder channels."""
         name = getattr(func, "__name__", str(func))
         leaves, _ = tree_flatten((args, kwargs))
         tagged = [self.tag_of(t) for t in leaves if isinstance(t, torch.Tensor)]
-        if not any(t is not None for t in tagged) or not isinstance(output, torch.Tensor) or name in _SHAPE:
+        if not any(t is not None for t in tagged) or name in _SHAPE:
             return output
+        if isinstance(output, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in output):
+            raise UnsupportedModelError(
+                f"op {name!r}{self.where()} splits a channel group into several tensors (as CSP, Res2Net and SK blocks "
+                "do), which the merge cannot follow"
+            )
+        if not isinstance(output, torch.Tensor):
+            return output
+        scalar_operand = any(isinstance(v, numbers.Number) and not isinstance(v, bool) for v in args[1:])
         if None in tagged:
             if all(t.dim() == 0 for t in leaves if isinstance(t, torch.Tensor) and self.tag_of(t) is None):
-                tagged = [t for t in tagged if t is not None]
+                tagged, scalar_operand = [t for t in tagged if t is not None], True
             else:
                 raise UnsupportedModelError(
                     f"op {name!r}{self.where()} combines a channel group with a tensor of unknown origin (a layer scale?)"
                 )
         first = tagged[0]
-        if name in _BINARY and len(tagged) == 2:
+        if first.parameter and name in ("reshape", "view") and tuple(output.shape) == (1, output.numel(), 1, 1):
+            self.tag(output, _Tag(first.space, first.ungated))  # a per-channel parameter viewed as (1, C, 1, 1)
+            return output
+        if any(t.parameter for t in tagged):
+            raise UnsupportedModelError(
+                f"op {name!r}{self.where()} uses a parameter of its module other than as a (1, C, 1, 1) per-channel view "
+                "(one shared by all channels cannot hold each teacher's value)"
+            )
+        if name == "permute":
+            self.tag(output, _Tag(first.space, first.ungated, last=self._permuted(first, args, kwargs)))
+            return output
+        if first.last and name in _SPATIAL:
+            raise UnsupportedModelError(f"op {name!r}{self.where()} reads a channels-last tensor as if its channels were on dim 1")
+        if len(tagged) == 2 and name in _ADD | _MUL | _DIV:
             a, b = tagged
             if INPUT in (a.space, b.space):
                 raise UnsupportedModelError(f"op {name!r}{self.where()} combines the network input with a channel group")
-            multiply = "mul" in name
-            gated = (a.gated or b.gated) if multiply else (a.gated and b.gated)
-            self.tag(output, _Tag(self.union(a.space, b.space), gated))
+            if a.last != b.last:
+                raise UnsupportedModelError(f"op {name!r}{self.where()} combines a channels-last tensor with a channels-first one")
+            ungated = _ungated_product(a, b) if name in _MUL else a.ungated if name in _DIV else a.ungated | b.ungated
+            self.tag(output, _Tag(self.union(a.space, b.space), ungated, last=a.last))
+        elif len(tagged) == 1 and name in _ADD:
+            self.tag(output, _Tag(first.space, first.ungated | ({UNGATEABLE} if scalar_operand else frozenset()), last=first.last))
+        elif len(tagged) == 1 and name in _MUL | _DIV:
+            self.tag(output, _Tag(first.space, first.ungated, last=first.last))
+        elif name in _ZERO_MOVING or (name in _CLAMP and not self._clamp_keeps_zero(name, args, kwargs)):
+            self.tag(output, _Tag(first.space, frozenset({UNGATEABLE}), last=first.last))
         elif (
-            name in _UNARY
-            or name in _BINARY
+            name in _ZERO_KEEPING
+            or name in _CLAMP
+            or (name in ("pow", "__pow__") and isinstance(e := self._arg(args, kwargs, 1, "exponent", None), numbers.Number) and e > 0)
             or (name == "flatten" and self._arg(args, kwargs, 1, "start_dim", 0) == 1)
             or (name in ("mean", "sum", "amax") and self._spatial_dims(args, kwargs))
         ):
-            self.tag(output, _Tag(first.space, first.gated))
+            self.tag(output, _Tag(first.space, first.ungated, last=first.last))
         else:
             raise UnsupportedModelError(f"op {name!r}{self.where()} mixes or reorders channels, so the merge cannot stay exact")
         return output
+
+    def _permuted(self, tag: _Tag, args: tuple, kwargs: dict) -> bool:
+        """Whether a 4-d permute leaves the channels last: NCHW → NHWC or back; any other order is refused."""
+        dims = kwargs.get("dims", args[1:] if len(args) > 2 else args[1] if len(args) > 1 else ())
+        dims = tuple(dims)
+        if dims == (0, 2, 3, 1) and not tag.last:
+            return True
+        if dims == (0, 3, 1, 2) and tag.last:
+            return False
+        raise UnsupportedModelError(f"op 'permute'{self.where()} reorders dimensions {dims}, so the merge cannot follow the channels")
+
+    def _clamp_keeps_zero(self, name: str, args: tuple, kwargs: dict) -> bool:
+        low, high = self._arg(args, kwargs, 1, "min", None), self._arg(args, kwargs, 2, "max", None)
+        if name == "clamp_max":
+            low, high = None, self._arg(args, kwargs, 1, "max", None)
+        return not (isinstance(low, numbers.Number) and low > 0) and not (isinstance(high, numbers.Number) and high < 0)
 
     @staticmethod
     def _arg(args: tuple, kwargs: dict, index: int, key: str, default: Any) -> Any:
@@ -227,14 +391,19 @@ class _Tracer(TorchFunctionMode):
 
     @contextlib.contextmanager
     def hooks(self, model: nn.Module) -> Iterator[None]:
-        leaf_types = WEIGHT_LAYERS + NORMS + ACTIVATIONS + PASS_THROUGH
+        leaf_types = WEIGHT_LAYERS + NORMS + ACTIVATIONS + SCALES + PASS_THROUGH
         self.modules_by_name = {n: m for m, n in self.names.items()}
         handles = []
         for module in model.modules():
             handles.append(module.register_forward_pre_hook(self._push))
             handles.append(module.register_forward_hook(self._pop))
-            own_params = any(True for _ in module.parameters(recurse=False))
-            if isinstance(module, leaf_types) or own_params or _is_unsupported(module):
+            own_params = dict(module.named_parameters(recurse=False))
+            if own_params and not isinstance(module, leaf_types) and _holds_scales(module):
+                for attr, param in own_params.items():  # a block's bare layer scale: a space joined where it multiplies
+                    space = self.new_space()
+                    self.spaces[space].scales.append(f"{self.names[module]}.{attr}".lstrip("."))
+                    self.tag(param, _Tag(space, frozenset({UNGATEABLE}), parameter=True))
+            elif isinstance(module, leaf_types) or own_params or _is_unsupported(module):
                 handles.append(module.register_forward_pre_hook(self._enter))
                 handles.append(module.register_forward_hook(self._leave))
         try:
@@ -252,7 +421,7 @@ class _Tracer(TorchFunctionMode):
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if not self.leaf_depth:
             name = self.names.get(module) or f"<root {type(module).__name__}>"
-            if not isinstance(module, WEIGHT_LAYERS + NORMS + ACTIVATIONS + PASS_THROUGH):
+            if not isinstance(module, WEIGHT_LAYERS + NORMS + ACTIVATIONS + SCALES + PASS_THROUGH):
                 raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) cannot be merged exactly")
         self.leaf_depth += 1
 
@@ -262,8 +431,19 @@ class _Tracer(TorchFunctionMode):
             self.module(module, args, output)
 
 
+def _call_site(site: str, calls: dict[str, int]) -> str:
+    """``site``, or ``site#0`` when its module was called more than once (its later calls are ``site#1``, ...)."""
+    return f"{site}{CALL}0" if calls.get(site, 0) > 1 else site
+
+
+def _holds_scales(module: nn.Module) -> bool:
+    """A container whose own parameters are all 1-d and no buffers: per-channel scales used inside its forward."""
+    return (any(True for _ in module.children()) and not any(True for _ in module.buffers(recurse=False))
+            and all(p.dim() == 1 for p in module.parameters(recurse=False)))
+
+
 def _is_unsupported(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d))
+    return isinstance(module, (nn.InstanceNorm2d, nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d))
 
 
 def _example_input(model: nn.Module) -> torch.Tensor:
@@ -275,10 +455,9 @@ def _example_input(model: nn.Module) -> torch.Tensor:
     return torch.randn(2, channels, *size, device=param.device, dtype=param.dtype)
 
 
-def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | None = None) -> MergeSpec:
-    """Find the channel groups of ``model`` from one forward pass; see the module docstring."""
-    tracer = _Tracer(model)
-    example = _example_input(model) if example is None else example
+def _trace(model: nn.Module, architecture: str, example: torch.Tensor, forced: frozenset[str]) -> tuple[_Tracer, Any]:
+    """One tagged forward pass with gates on the ``forced`` modules' outputs."""
+    tracer = _Tracer(model, forced)
     was_training = model.training
     model.eval()
     try:
@@ -287,6 +466,8 @@ def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | N
             output = model(example)
     except UnsupportedModelError:
         raise
+    except _Refused as e:
+        raise e.error from None
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         raise UnsupportedModelError(
             f"{architecture}: no declared adapter, and a forward pass on a {tuple(example.shape)} input to discover "
@@ -294,6 +475,19 @@ def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | N
         ) from e
     finally:
         model.train(was_training)
+    return tracer, output
+
+
+def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | None = None) -> MergeSpec:
+    """Find the channel groups of ``model`` from a forward pass (two when some values need gates); see the module docstring."""
+    example = _example_input(model) if example is None else example
+    forced: frozenset[str] = frozenset()
+    tracer, output = _trace(model, architecture, example, forced)
+    if tracer.needs_gate:  # a second pass with gates where the first found ungated reads; it needs no more
+        forced = frozenset(tracer.needs_gate)
+        tracer, output = _trace(model, architecture, example, forced)
+        if tracer.needs_gate - forced:
+            raise UnsupportedModelError(f"{architecture}: modules {sorted(tracer.needs_gate - forced)} still need gates")
     out_tag = tracer.tag_of(output)
     if out_tag is None or out_tag.space == INPUT:
         raise UnsupportedModelError(f"{architecture}: the output does not come from a weight layer")
@@ -305,11 +499,14 @@ def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | N
         part = tracer.spaces[index]
         into.producers += part.producers
         into.norms += part.norms
+        into.channelwise += part.channelwise
+        into.scales += part.scales
         into.sites += part.sites
+        into.last_sites += part.last_sites
         into.consumers += part.consumers
+    # Usually one classifier; a distilled model's heads (RepViT, LeViT) are averaged into the output: each is a head
+    # of the big student, averaging the teachers, and the first is the spec's output layer.
     heads = merged[output_space].producers
-    if len(heads) != 1:
-        raise UnsupportedModelError(f"{architecture}: the output is written by {heads}; expected one classifier layer")
     groups = []
     for root, space in merged.items():
         if root == output_space or not space.producers:
@@ -318,15 +515,20 @@ def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | N
             raise UnsupportedModelError(
                 f"{architecture}: channels written by {space.producers[0]!r} pass no activation where a gate can sit"
             )
+        sites = list(dict.fromkeys(_call_site(n, tracer.calls) for n in space.sites))
         groups.append(
             ChannelGroup(
-                name=space.sites[0].replace(".", "_"),
+                name=sites[0].replace(".", "_").replace(CALL, "_"),
                 size=tracer._size(root),
                 producers=tuple(space.producers),
                 norms=tuple(space.norms),
                 consumers=tuple(Consumer(c, e) for c, e in space.consumers),
-                gate_sites=tuple(space.sites),
+                gate_sites=tuple(sites),
                 source="discovered",
+                channelwise=tuple(space.channelwise),
+                scales=tuple(space.scales),
+                channels_last_sites=tuple(dict.fromkeys(_call_site(n, tracer.calls) for n in space.last_sites)),
+                unit=common_unit([tracer.modules_by_name[n] for n in (*space.channelwise, *space.norms)]),
             )
         )
     if not tracer.input_layers:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..adapters import resolve_spec
+from ..matching import check_matchable
 from ..data import first_examples, load_data, prepare_dataset, sine_splits, split
 from ..errors import ConfigError, DatasetTooSmallError
 from .recipe import RecipeConfig
@@ -46,14 +47,17 @@ def depends_on_seed(recipe: RecipeConfig) -> bool:
 
 
 def probe_model(recipe: RecipeConfig) -> nn.Module:
-    """A model of the recipe's architecture, after checking that it exists and that its layers can be merged."""
+    """A model of the recipe's architecture, after checking that it exists and that its layers can be merged (and matched,
+    when the weight-matching baseline runs)."""
     if not timm.is_model(recipe.architecture):
         raise ConfigError(f"architecture {recipe.architecture!r} is not a timm model")
     try:
         probe = timm.create_model(recipe.architecture, **recipe.model_args)
     except TypeError as e:
         raise ConfigError(f"model_args do not fit {recipe.architecture}: {e}") from e
-    resolve_spec(probe)
+    spec = resolve_spec(probe)
+    if "weight_matching" in recipe.baselines:
+        check_matchable(spec)
     return probe
 
 

@@ -104,7 +104,7 @@ class Pruning(Strategy):
             for group in wide.spec.groups:
                 gate = wide.gates[group.name]
                 gate.importance.copy_(ctx.accelerator.reduce(gate.importance, "sum"))  # every process prunes the same channels
-                target_closed = round(group.size * (step + 1) / cfg.prune_epochs)
+                target_closed = round(group.size // group.unit * (step + 1) / cfg.prune_epochs)
                 gate.prune(target_closed - int((gate.mask == 0).sum()))
         student = compress(wide)
         reports.append(ctx.train(student, cfg.finetune, seed=seed + 1, name=ctx.label(f"{self.name} finetune"),
