@@ -75,7 +75,7 @@ def compress(gated: GatedModel) -> nn.Module:
     if not isinstance(gated, GatedModel):
         raise UnsupportedModelError("compress expects the GatedModel returned by hf_netmerge.add_gates")
     with gates_removed(gated) as big:
-        student = select_model(big, gated.spec, gated.keep_indices())
+        student = select_model(big, gated.spec, gated.keep_indices(), gated.teachers)
     del student.netmerge_spec, student.netmerge_teachers
     return student
 

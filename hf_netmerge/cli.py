@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .config import MergeConfig
 from .errors import ConfigError, NetMergeError
 from .overrides import apply_overrides
-from .spec import MergeSpec
+from .spec import ChannelGroup, MergeSpec
 
 if TYPE_CHECKING:
     from .experiments import RecipeConfig
@@ -150,14 +150,20 @@ def format_spec(spec: MergeSpec) -> str:
     """The channel groups as readable text: name, size, source, then the modules in each role."""
     lines = [f"{spec.architecture}: {len(spec.groups)} channel groups; input layer {spec.input_layer}, head {spec.output_layer}"]
     for g in spec.groups:
-        consumers = [c.module if c.expansion == 1 else f"{c.module} (x{c.expansion})" for c in g.consumers]
+        consumers = [c.module + (f" (x{c.expansion})" if c.expansion > 1 else "") + (f" @{c.offset}" if c.offset else "")
+                     for c in g.consumers]
         unit = f"  unit {g.unit}" if g.unit > 1 else ""
         lines.append(f"\n{g.name}  size {g.size}{unit}  [{g.source}]")
-        roles = (("producers", g.producers), ("norms", g.norms), ("grouped", g.channelwise), ("consumers", consumers),
-                 ("gates at", g.gate_sites))
+        roles = (("producers", g.producers), ("norms", _at(g, g.norms)), ("grouped", g.channelwise), ("consumers", consumers),
+                 ("gates at", _at(g, g.gate_sites)))
         for role, names in roles:
             lines.append(f"  {role:<10} {', '.join(names) if names else '-'}")
     return "\n".join(lines)
+
+
+def _at(group: ChannelGroup, names: tuple[str, ...]) -> list[str]:
+    """``names`` with `` @offset`` where the group starts among a module's channels after a concatenation."""
+    return [n + (f" @{group.offset(n)}" if group.offset(n) else "") for n in names]
 
 
 def _positive(text: str) -> int:

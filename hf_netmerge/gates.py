@@ -21,7 +21,7 @@ from accelerate.state import PartialState
 from torch import nn
 
 from .errors import UnsupportedModelError
-from .spec import CALL, MIXING_NORMS, MergeSpec, validate_spec
+from .spec import CALL, MIXING_NORMS, ChannelGroup, MergeSpec, validate_spec
 from .surgery import expand_index, group_origin, replace_module
 
 BETA = 2.0 / 3.0
@@ -172,20 +172,24 @@ class GateSite(nn.Module):
     """Wraps the module whose output carries a channel group and gates that output (fused with it when it is a ReLU).
 
     Each gate value covers ``unit`` consecutive channels (a conv group or norm group kept or dropped whole); with
-    ``channels_last`` the output holds its channels on the last dimension."""
+    ``channels_last`` the output holds its channels on the last dimension. After a concatenation the output holds
+    several groups: ``more`` are the ``(gate, unit)`` of the groups whose channels follow this gate's, in order."""
 
-    def __init__(self, base: nn.Module, gate: nn.Module, unit: int = 1, channels_last: bool = False) -> None:
+    def __init__(self, base: nn.Module, gate: nn.Module, unit: int = 1, channels_last: bool = False,
+                 more: tuple[tuple[nn.Module, int], ...] = ()) -> None:
         super().__init__()
         self.base = base
         self.channels_last = channels_last
         self.fused = type(base) is nn.ReLU and not channels_last
         self.unit = unit
-        # Not registered as a submodule: the gate belongs to GatedModel.gates (one copy even when shared).
+        # Not registered as submodules: the gates belong to GatedModel.gates (one copy even when shared).
         object.__setattr__(self, "gate", gate)
+        object.__setattr__(self, "more", more)
 
     def _value(self, batch: int) -> torch.Tensor:
-        g = self.gate.value(batch)
-        return g if self.unit == 1 else g.repeat_interleave(self.unit, dim=1)
+        values = [g.value(batch) if unit == 1 else g.value(batch).repeat_interleave(unit, dim=1)
+                  for g, unit in ((self.gate, self.unit), *self.more)]
+        return values[0] if len(values) == 1 else torch.cat(values, dim=1)
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -323,15 +327,20 @@ class GatedModel(nn.Module):
         state = PartialState() if PartialState._shared_state else None
         self.noise = GateNoise(noise_seed, state.process_index if state else 0, state.num_processes if state else 1)
         self._noisy = [gate for gate in self.gates.values() if isinstance(gate, HardConcreteGate)]
-        calls: dict[str, dict[int, GateSite]] = {}
+        groups_at: dict[str, list[tuple[int, ChannelGroup]]] = {}  # site → its groups by offset (several after a concat)
         for g in spec.groups:
             for site in g.gate_sites:
-                name, _, call = site.partition(CALL)
-                wrapped = GateSite(model.get_submodule(name), self.gates[g.name], g.unit, site in g.channels_last_sites)
-                if call:
-                    calls.setdefault(name, {})[int(call)] = wrapped
-                else:
-                    replace_module(model, name, wrapped)
+                groups_at.setdefault(site, []).append((g.offset(site), g))
+        calls: dict[str, dict[int, GateSite]] = {}
+        for site, parts in groups_at.items():
+            (_, first), *rest = sorted(parts, key=lambda part: part[0])
+            name, _, call = site.partition(CALL)
+            wrapped = GateSite(model.get_submodule(name), self.gates[first.name], first.unit, site in first.channels_last_sites,
+                               tuple((self.gates[g.name], g.unit) for _, g in rest))
+            if call:
+                calls.setdefault(name, {})[int(call)] = wrapped
+            else:
+                replace_module(model, name, wrapped)
         self._reused = [ReusedGateSite(model.get_submodule(name), by_call) for name, by_call in calls.items()]
         for name, site in zip(calls, self._reused):
             replace_module(model, name, site)

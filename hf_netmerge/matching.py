@@ -22,7 +22,7 @@ from .surgery import select_model
 
 def permute(model: nn.Module, perms: dict[str, torch.Tensor], spec: MergeSpec | None = None) -> nn.Module:
     """A copy of ``model`` with channel ``perms[g][i]`` of every group ``g`` moved to position ``i`` (same function)."""
-    return select_model(model, spec or resolve_spec(model), perms)
+    return select_model(model, spec or resolve_spec(model), perms, teachers=1)
 
 
 def _rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
@@ -37,12 +37,14 @@ def _similarity(a: nn.Module, b: nn.Module, group: ChannelGroup) -> torch.Tensor
     for name in (*group.producers, *group.norms, *group.channelwise):
         for p in ("weight", "bias"):
             ta, tb = getattr(a.get_submodule(name), p, None), getattr(b.get_submodule(name), p, None)
-            if isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor):
-                total += _rows(ta, n) @ _rows(tb, n).T
+            if isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor):  # a norm after a concatenation: this group's part
+                start = group.offset(name) if name in group.norms else 0
+                total += _rows(ta.narrow(0, start, n), n) @ _rows(tb.narrow(0, start, n), n).T
     for path in group.scales:
         total += _rows(a.get_parameter(path), n) @ _rows(b.get_parameter(path), n).T
     for consumer in group.consumers:
-        wa, wb = a.get_submodule(consumer.module).weight, b.get_submodule(consumer.module).weight
+        wa, wb = (m.get_submodule(consumer.module).weight.narrow(1, consumer.offset * consumer.expansion, n * consumer.expansion)
+                  for m in (a, b))
         columns = [w.detach().float().cpu().reshape(w.shape[0], n, -1).transpose(0, 1) for w in (wa, wb)]  # (n, out, block)
         total += _rows(columns[0], n) @ _rows(columns[1], n).T
     return total

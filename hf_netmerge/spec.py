@@ -9,7 +9,7 @@ at one teacher's width; a big student of ``k`` teachers has ``k`` times each gro
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from timm.layers import Linear as TimmLinear
@@ -34,11 +34,13 @@ class Consumer:
     """A layer reading a group on its input dimension.
 
     ``expansion`` is the number of consecutive input features per channel (``H*W`` for a linear
-    layer after a flatten of a ``C×H×W`` map, 1 otherwise).
+    layer after a flatten of a ``C×H×W`` map, 1 otherwise). ``offset`` is the input channel where
+    the group starts when the layer reads a concatenation of several groups (at teacher width).
     """
 
     module: str
     expansion: int = 1
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,12 @@ class ChannelGroup:
     scales: tuple[str, ...] = ()
     unit: int = 1
     channels_last_sites: tuple[str, ...] = ()
+    offsets: tuple[tuple[str, int], ...] = ()
+
+    def offset(self, module: str) -> int:
+        """Where this group's channels start among the channels of norm or gate site ``module`` (at teacher width): 0,
+        unless a concatenation put other groups' channels before them (``offsets``)."""
+        return dict(self.offsets).get(module, 0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -90,29 +98,54 @@ class MergeSpec:
             "groups": [g.to_dict() for g in self.groups],
         }
 
-    def layer_roles(self) -> dict[str, tuple[ChannelGroup | None, ChannelGroup | None, int]]:
-        """For each weight layer: (group on its output, group on its input, input expansion)."""
-        roles: dict[str, tuple[ChannelGroup | None, ChannelGroup | None, int]] = {}
+    def layer_roles(self) -> dict[str, LayerRole]:
+        """For each weight layer: the group it writes, the groups it reads (with their offsets) and its input expansion."""
+        roles: dict[str, LayerRole] = {}
         for g in self.groups:
             for name in g.producers:
-                out, inp, exp = roles.get(name, (None, None, 1))
-                if out is not None:
-                    raise UnsupportedModelError(f"module {name!r} produces both {out.name!r} and {g.name!r}")
-                roles[name] = (g, inp, exp)
+                role = roles.get(name, LayerRole())
+                if role.out is not None:
+                    raise UnsupportedModelError(f"module {name!r} produces both {role.out.name!r} and {g.name!r}")
+                roles[name] = replace(role, out=g)
             for c in g.consumers:
-                out, inp, _ = roles.get(c.module, (None, None, 1))
-                if inp is not None:
-                    raise UnsupportedModelError(f"module {c.module!r} consumes both {inp.name!r} and {g.name!r}")
-                roles[c.module] = (out, g, c.expansion)
+                role = roles.get(c.module, LayerRole())
+                if role.inputs and role.expansion != c.expansion:
+                    raise UnsupportedModelError(f"module {c.module!r} reads its groups with different expansions")
+                inputs = tuple(sorted((*role.inputs, (g, c.offset)), key=lambda part: part[1]))
+                roles[c.module] = replace(role, inputs=inputs, expansion=c.expansion)
         return roles
 
-    def norm_groups(self) -> dict[str, ChannelGroup]:
-        """For each normalization layer, the group it normalizes."""
-        return {n: g for g in self.groups for n in g.norms}
+    def norm_groups(self) -> dict[str, tuple[tuple[ChannelGroup, int], ...]]:
+        """For each normalization layer, the groups it normalizes with their offsets (several after a concatenation)."""
+        parts: dict[str, list[tuple[ChannelGroup, int]]] = {}
+        for g in self.groups:
+            for n in g.norms:
+                parts.setdefault(n, []).append((g, g.offset(n)))
+        return {n: tuple(sorted(p, key=lambda part: part[1])) for n, p in parts.items()}
 
     def channelwise_groups(self) -> dict[str, ChannelGroup]:
         """For each grouped or depthwise convolution, the group it maps onto itself."""
         return {n: g for g in self.groups for n in g.channelwise}
+
+
+@dataclass(frozen=True)
+class LayerRole:
+    """What one weight layer does: the group it writes (None: the averaging head), the groups it reads with the input
+    channel each starts at (empty: the shared network input) and the input features per channel (``expansion``)."""
+
+    out: ChannelGroup | None = None
+    inputs: tuple[tuple[ChannelGroup, int], ...] = ()
+    expansion: int = 1
+
+
+def tiles(parts: tuple[tuple[ChannelGroup, int], ...]) -> bool:
+    """Whether ``parts`` (groups at offsets) cover their channels exactly once, from 0, in order."""
+    start = 0
+    for group, offset in parts:
+        if offset != start:
+            return False
+        start += group.size
+    return True
 
 
 def site_module(site: str) -> str:
@@ -181,13 +214,13 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
             if name not in modules:
                 raise UnsupportedModelError(f"{spec.architecture}: channel group {g.name!r} names a missing module {name!r}")
         for path in g.scales:
-            if not isinstance(t := params.get(path), nn.Parameter) or t.dim() != 1 or t.numel() != g.size * width:
+            if not isinstance(t := params.get(path), nn.Parameter) or t.shape[0] != g.size * width or t.numel() != t.shape[0]:
                 raise UnsupportedModelError(
                     f"{spec.architecture}: channel group {g.name!r} names {path!r} as a per-channel scale of "
                     f"{g.size * width} values, which the model does not hold"
                 )
-    for name, (out_group, in_group, expansion) in roles.items():
-        module = modules[name]
+    for name, role in roles.items():
+        module, out_group = modules[name], role.out
         if type(module) not in EXACT_WEIGHT_LAYERS:
             raise UnsupportedModelError(
                 f"{spec.architecture}: module {name!r} ({type(module).__name__}) is not a supported weight layer"
@@ -202,10 +235,11 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
                 f"{spec.architecture}: module {name!r} has {_out_size(module)} outputs, "
                 f"group {out_group.name!r} expects {out_group.size * width}"
             )
-        if in_group is not None and _in_size(module) != in_group.size * width * expansion:
+        reads = sum(g.size for g, _ in role.inputs) * width * role.expansion
+        if role.inputs and (_in_size(module) != reads or not tiles(role.inputs)):
             raise UnsupportedModelError(
-                f"{spec.architecture}: module {name!r} has {_in_size(module)} inputs, "
-                f"group {in_group.name!r} expects {in_group.size * width * expansion}"
+                f"{spec.architecture}: module {name!r} has {_in_size(module)} inputs; its groups "
+                f"{[(g.name, offset) for g, offset in role.inputs]} (name, offset) give {reads}, or leave gaps"
             )
     for name, group in channelwise.items():
         module = modules[name]
@@ -219,20 +253,23 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
                 f"{spec.architecture}: grouped convolution {name!r} ({module.out_channels} channels, conv groups of "
                 f"{channel_unit(module)}) does not fit group {group.name!r} ({group.size * width} channels, unit {group.unit})"
             )
-    for name, group in norms.items():
+    for name, parts in norms.items():
         module = modules[name]
         if not isinstance(module, SUPPORTED_NORMS):
             raise UnsupportedModelError(
                 f"{spec.architecture}: module {name!r} ({type(module).__name__}) is not a supported normalization"
             )
-        if _norm_size(module) != group.size * width or group.unit % channel_unit(module):
+        if len(parts) > 1 and not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise UnsupportedModelError(f"{spec.architecture}: norm {name!r} spans several groups; only a BatchNorm can")
+        size = sum(g.size for g, _ in parts) * width
+        if _norm_size(module) != size or not tiles(parts) or any(g.unit % channel_unit(module) for g, _ in parts):
             raise UnsupportedModelError(
-                f"{spec.architecture}: norm {name!r} has {_norm_size(module)} channels in groups of {channel_unit(module)}, "
-                f"group {group.name!r} expects {group.size * width} in units of {group.unit}"
+                f"{spec.architecture}: norm {name!r} has {_norm_size(module)} channels in groups of {channel_unit(module)}; "
+                f"its groups {[(g.name, g.unit) for g, _ in parts]} (name, unit) expect {size}"
             )
-    if spec.input_layer not in roles or roles[spec.input_layer][1] is not None:
+    if spec.input_layer not in roles or roles[spec.input_layer].inputs:
         raise UnsupportedModelError(f"{spec.architecture}: input layer {spec.input_layer!r} must produce a group and consume none")
-    if spec.output_layer not in roles or roles[spec.output_layer][0] is not None:
+    if spec.output_layer not in roles or roles[spec.output_layer].out is not None:
         raise UnsupportedModelError(f"{spec.architecture}: output layer {spec.output_layer!r} must consume a group and produce none")
     covered = set(roles) | set(norms) | set(channelwise) | {f"{n}.norm" for n in norms if isinstance(modules[n], SplitNorm)}
     for name, module in model.named_modules():

@@ -56,28 +56,40 @@ def _selected(t: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | nn.
     return _param(kept, t) if isinstance(t, nn.Parameter) else kept
 
 
+def _interleaved(tensors: list[torch.Tensor], parts: list[tuple[int, int]], dim: int = 0) -> torch.Tensor:
+    """k teachers' tensors joined along ``dim`` part by part: for each ``(start, size)`` part, every teacher's slice."""
+    return torch.cat([t.narrow(dim, start, size) for start, size in parts for t in tensors], dim)
+
+
 class WeightSurgeon:
     """Linear and Conv2d: output channels on dim 0 of the weight, input channels on dim 1."""
 
     @staticmethod
-    def widen(layers: list[nn.Module], stack_out: bool, stack_in: bool) -> nn.Module:
+    def widen(layers: list[nn.Module], stack_out: bool, in_parts: list[tuple[int, int]] | None) -> nn.Module:
         """Concatenate k layers.
 
-        ``stack_out``: outputs stacked ``[L1; …; Lk]`` (else averaged: the head). ``stack_in``: inputs
-        block-diagonal (else shared: the first layer).
+        ``stack_out``: outputs stacked ``[L1; …; Lk]`` (else averaged: the head). ``in_parts``: the ``(start, size)``
+        input features of each group the layer reads (several after a concatenation), each widened block-diagonally:
+        teacher i's rows read only teacher i's features of every part; None: the input is shared (the first layer).
         """
         weights = [m.weight.detach() for m in layers]
         first, k = weights[0], len(weights)
-        if stack_out and stack_in:
-            w = first.new_zeros((k * first.shape[0], k * first.shape[1], *first.shape[2:]))
-            for i, x in enumerate(weights):
-                w[i * x.shape[0] : (i + 1) * x.shape[0], i * x.shape[1] : (i + 1) * x.shape[1]] = x
-        elif stack_out:
+        if in_parts is None:
+            if not stack_out:
+                raise ValueError("a merged layer must widen its inputs, its outputs or both")
             w = torch.cat(weights, 0)
-        elif stack_in:
-            w = torch.cat([x / k for x in weights], 1)
         else:
-            raise ValueError("a merged layer must widen its inputs, its outputs or both")
+            rows = first.shape[0]
+            w = first.new_zeros((k * rows if stack_out else rows, k * first.shape[1], *first.shape[2:]))
+            column = 0
+            for start, size in in_parts:
+                for i, x in enumerate(weights):
+                    block = x[:, start : start + size]
+                    if stack_out:
+                        w[i * rows : (i + 1) * rows, column : column + size] = block
+                    else:
+                        w[:, column : column + size] = block / k
+                    column += size
         out = _shell(layers[0], ("weight", "bias"))
         out.weight = _param(w, layers[0].weight)
         if layers[0].bias is not None:
@@ -150,11 +162,14 @@ class NormSurgeon:
         return out
 
     @classmethod
-    def widen(cls, norms: list[nn.Module]) -> nn.Module:
-        """Concatenate k norms channel-wise, running statistics included (k LayerNorms: one SplitNorm)."""
+    def widen(cls, norms: list[nn.Module], parts: list[tuple[int, int]]) -> nn.Module:
+        """Concatenate k norms channel-wise, running statistics included, part by part (``(start, size)`` of each group
+        a norm after a concatenation covers; one part otherwise). k LayerNorms become one SplitNorm."""
         first = norms[0]
         names = [n for n in cls._PER_CHANNEL if isinstance(getattr(first, n, None), torch.Tensor)]
-        out = cls._resized(first, {n: _joined([getattr(m, n) for m in norms], getattr(first, n)) for n in names})
+        joined = {n: _interleaved([getattr(m, n).detach() for m in norms], parts) for n in names}
+        out = cls._resized(first, {n: _param(t, getattr(first, n)) if isinstance(getattr(first, n), nn.Parameter) else t
+                                   for n, t in joined.items()})
         return SplitNorm(out, len(norms)) if isinstance(first, nn.LayerNorm) else out
 
     @classmethod
@@ -195,16 +210,26 @@ def _copy_skipping(root: nn.Module, names: list[str]) -> nn.Module:
     return copy.deepcopy(root, memo)
 
 
+def _feature_parts(parts: tuple[tuple[ChannelGroup, int], ...], expansion: int = 1) -> list[tuple[int, int]]:
+    """The ``(start, size)`` slices, in a teacher's features, of the groups a layer reads at their offsets."""
+    return [(offset * expansion, g.size * expansion) for g, offset in parts]
+
+
+def _kept(parts: tuple[tuple[ChannelGroup, int], ...], keep: dict[str, torch.Tensor], teachers: int) -> torch.Tensor:
+    """The big student's channels kept of a layer reading ``parts``: each group's kept channels past its k-wide offset."""
+    return torch.cat([teachers * offset + keep[g.name] for g, offset in parts])
+
+
 def widen_model(teachers: list[nn.Module], spec: MergeSpec) -> nn.Module:
     """The big student: a copy of the first teacher whose every grouped layer concatenates all ``teachers``' layers."""
     roles, norms, channelwise = spec.layer_roles(), spec.norm_groups(), spec.channelwise_groups()
     big = _copy_skipping(teachers[0], [*roles, *norms, *channelwise])
     tables = [dict(t.named_modules()) for t in teachers]
-    for name, (out_group, in_group, _) in roles.items():
-        new = WeightSurgeon.widen([m[name] for m in tables], out_group is not None, in_group is not None)
-        replace_module(big, name, new)
-    for name in norms:
-        replace_module(big, name, NormSurgeon.widen([m[name] for m in tables]))
+    for name, role in roles.items():
+        in_parts = _feature_parts(role.inputs, role.expansion) if role.inputs else None
+        replace_module(big, name, WeightSurgeon.widen([m[name] for m in tables], role.out is not None, in_parts))
+    for name, parts in norms.items():
+        replace_module(big, name, NormSurgeon.widen([m[name] for m in tables], _feature_parts(parts)))
     for name in channelwise:
         replace_module(big, name, GroupedConvSurgeon.widen([m[name] for m in tables]))
     for path in (p for g in spec.groups for p in g.scales):
@@ -212,16 +237,17 @@ def widen_model(teachers: list[nn.Module], spec: MergeSpec) -> nn.Module:
     return big
 
 
-def select_model(big: nn.Module, spec: MergeSpec, keep: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``big`` keeping, for every group, the channels ``keep[group]`` on producers, norms and consumers."""
+def select_model(big: nn.Module, spec: MergeSpec, keep: dict[str, torch.Tensor], teachers: int) -> nn.Module:
+    """A copy of ``big`` (``teachers`` wide: 1 for a teacher) keeping, for every group, the channels ``keep[group]`` on
+    producers, norms and consumers."""
     roles, norms, channelwise = spec.layer_roles(), spec.norm_groups(), spec.channelwise_groups()
     small = _copy_skipping(big, [*roles, *norms, *channelwise])
-    for name, (out_group, in_group, expansion) in roles.items():
-        out_index = keep[out_group.name] if out_group is not None else None
-        in_index = expand_index(keep[in_group.name], expansion) if in_group is not None else None
+    for name, role in roles.items():
+        out_index = keep[role.out.name] if role.out is not None else None
+        in_index = expand_index(_kept(role.inputs, keep, teachers), role.expansion) if role.inputs else None
         replace_module(small, name, WeightSurgeon.select(big.get_submodule(name), out_index, in_index))
-    for name, group in norms.items():
-        replace_module(small, name, NormSurgeon.select(big.get_submodule(name), keep[group.name]))
+    for name, parts in norms.items():
+        replace_module(small, name, NormSurgeon.select(big.get_submodule(name), _kept(parts, keep, teachers)))
     for name, group in channelwise.items():
         replace_module(small, name, GroupedConvSurgeon.select(big.get_submodule(name), keep[group.name]))
     for group in spec.groups:

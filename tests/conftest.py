@@ -64,7 +64,10 @@ DISCOVERED = [("resnetv2_18", {"num_classes": 5}), ("resnetv2_50", {"num_classes
               ("regnety_002", {"num_classes": 5}),  # grouped convs (gates keep whole conv groups) and SE
               ("legacy_seresnet18", {"num_classes": 5}),  # one ReLU module used three times per block: a gate per call
               ("hrnet_w18_small", {"num_classes": 5}),  # parallel resolutions fused by upsampling and adds
-              ("repvit_m1", {"num_classes": 5})]  # a distilled model: two heads averaged into the output
+              ("repvit_m1", {"num_classes": 5}),  # a distilled model: two heads averaged into the output
+              ("densenet121", {"num_classes": 5}),  # concatenations read by BatchNorm, ReLU and convs: groups at offsets
+              ("ese_vovnet19b_slim_dw", {"num_classes": 5}),  # one-shot aggregation (a concatenation) and effective SE
+              ("dla46x_c", {"num_classes": 5})]  # tree aggregation: concatenations and a ReLU module used twice
 ARCHITECTURES = CORE + DECLARED + DISCOVERED
 
 

@@ -97,12 +97,12 @@ class Tiny(nn.Module):
         (lambda: Tiny(permute=(0, 1, 3, 2)), r"op 'permute' in module '<root>' \(Tiny\) reorders dimensions \(0, 1, 3, 2\)"),
         (lambda: Tiny(permute=(0, 2, 3, 1)), r"module 'pool' \(AdaptiveAvgPool2d\) reads a channels-last tensor"),
         (lambda: timm.create_model("nf_resnet26"), r"ScaledStdConv2d"),
-        (lambda: timm.create_model("densenet121"), r"op 'cat' in module 'features.denseblock1.denselayer1' \(DenseLayer\)"),
+        (lambda: timm.create_model("ghostnet_050"), r"op '__getitem__' in module 'blocks.0.0.ghost1' \(GhostModule\)"),
         (lambda: Tiny(gamma=torch.ones(8, 1, 1)), r"<root Tiny>"),  # a 3-d layer scale held by the root
         (lambda: Tiny(nn.Conv2d(8, 16, 3, groups=4)), r"module 'middle' is a grouped convolution \(groups=4\) from 8 to 16"),
         (lambda: Tiny(sigmoid=True), r"module 'fc' reads channels that passed no activation where a gate can sit \(a sigmoid"),
     ],
-    ids=["permute", "pool-channels-last", "weight-standardized", "concatenation", "layer-scale-3d", "grouped-widening", "sigmoid-read"],
+    ids=["permute", "pool-channels-last", "weight-standardized", "slicing", "layer-scale-3d", "grouped-widening", "sigmoid-read"],
 )
 def test_unmergeable_models_get_a_typed_error_naming_the_module(make, match):
     model = make()
@@ -114,6 +114,32 @@ def resolve_spec_with_example(model):
     from hf_netmerge.adapters.traced import discover_spec
 
     return discover_spec(model, "tiny", example=torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("scale", ["timm.layers", "fastvit"])
+def test_layer_scales_widen_as_per_channel_parameters(scale):
+    """A layer scale's ``gamma`` ((C,) viewed as (1, C, 1, 1), or (C, 1, 1) as FastViT's) is concatenated like a norm's
+    weight and indexed like one: the big student is the teachers' mean, the student the gated model."""
+    from timm.layers import LayerScale2d
+    from timm.models import fastvit
+
+    from hf_netmerge.adapters.traced import discover_spec
+    from hf_netmerge.surgery import widen_model
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        model = Tiny(LayerScale2d(8) if scale == "timm.layers" else fastvit.LayerScale2d(8)).eval()
+        nn.init.uniform_(model.middle.gamma, 0.5, 1.5)
+        return model
+
+    a, b = tiny(0), tiny(1)
+    x = torch.randn(2, 3, 8, 8)
+    spec = discover_spec(a, "tiny", example=x)
+    assert spec.groups[0].scales == ("middle.gamma",)
+    big = widen_model([a, b], spec).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), (a(x) + b(x)) / 2)
+    assert big.middle.gamma.shape[0] == 16 and torch.equal(big.middle.gamma[8:], b.middle.gamma)
 
 
 def test_squeeze_excitation_reads_gated_channels():
@@ -143,10 +169,26 @@ def test_an_activation_module_used_several_times_gates_each_call_with_its_group(
     assert site.made == 0 and all(g.log_alpha.grad is not None for g in gated.gates.values())
 
 
+def test_a_concatenation_is_read_group_by_group_at_its_offsets():
+    """DenseNet: each layer's BatchNorm + ReLU and 1×1 conv read the concatenation of every earlier output, so each of
+    those groups lists them with the channel it starts at; the big student lays the concatenation out part by part,
+    each part k teachers wide, and its norm holds the teachers' statistics in that order."""
+    a, b = make_teacher("densenet121", {"num_classes": 5}, 0), make_teacher("densenet121", {"num_classes": 5}, 1)
+    spec = resolve_spec(a)
+    norm, conv = "features.denseblock1.denselayer2.norm1", "features.denseblock1.denselayer2.conv1"
+    stem, first = (next(g for g in spec.groups if p in g.producers) for p in ("features.conv0", "features.denseblock1.denselayer1.conv2"))
+    assert (stem.offset(norm), first.offset(norm)) == (0, 64) and norm in first.gate_sites
+    assert {(c.module, c.offset) for c in first.consumers} >= {(conv, 64)}
+    big = hm.concatenate(a, b)
+    parts = [a.get_submodule(norm).running_mean[:64], b.get_submodule(norm).running_mean[:64],
+             a.get_submodule(norm).running_mean[64:], b.get_submodule(norm).running_mean[64:]]
+    torch.testing.assert_close(big.get_submodule(norm).running_mean, torch.cat(parts))
+
+
 def test_distilled_heads_are_both_averaged_over_the_teachers():
     """repvit_m1 averages a classifier and a distillation head: both become heads of the big student."""
     spec = resolve_spec(timm.create_model("repvit_m1"))
-    heads = [name for name, (out, inp, _) in spec.layer_roles().items() if out is None]
+    heads = [name for name, role in spec.layer_roles().items() if role.out is None]
     assert sorted(heads) == ["head.head.l", "head.head_dist.l"] and spec.output_layer in heads
 
 
@@ -230,5 +272,5 @@ def test_inspect_prints_groups(capsys):
     assert main(["inspect", "regnetx_002"]) == 0
     out = capsys.readouterr().out
     assert "unit 8" in out and "grouped    s1.b1.conv2.conv" in out
-    assert main(["inspect", "densenet121"]) == 2
-    assert "op 'cat'" in capsys.readouterr().err
+    assert main(["inspect", "ghostnet_050"]) == 2
+    assert "op '__getitem__'" in capsys.readouterr().err

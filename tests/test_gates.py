@@ -19,6 +19,7 @@ from hf_netmerge.gates import (
     GateSite,
     HardConcreteGate,
     LambdaSchedule,
+    ReusedGateSite,
     gated_relu,
 )
 from hf_netmerge.spec import ChannelGroup, Consumer, MergeSpec
@@ -249,8 +250,11 @@ def test_gates_keep_no_extra_activation_at_relu_sites(name, kwargs):
             site.register_forward_hook(lambda m, i, o, key=site_name: outputs.__setitem__(key, o.numel() * o.element_size()))
     # Each gate's fp32 (batch, channels) sample keeps three such tensors (sigmoid output, clamp input, the sample);
     # a ReLU site adds nothing else, another site may keep its base's output besides the gated one; where one gate
-    # covers a unit of several channels, each site also keeps the sample repeated to a (batch, channels) tensor.
+    # covers a unit of several channels, or a site gates a concatenation of groups, each site also keeps the (batch,
+    # channels) gate it builds from its gates' samples.
     samples = sum(3 * 4 * x.shape[0] * gate.size for gate in gated.gates.values())
-    samples += sum(4 * x.shape[0] * site.gate.size * site.unit for site in gated.model.modules()
-                   if isinstance(site, GateSite) and site.unit > 1)
+    sites = [s for m in gated.model.modules() if isinstance(m, (GateSite, ReusedGateSite))
+             for s in (m.calls.values() if isinstance(m, ReusedGateSite) else [m])]
+    samples += sum(4 * x.shape[0] * sum(g.size * unit for g, unit in ((s.gate, s.unit), *s.more))
+                   for s in sites if s.unit > 1 or s.more)
     assert _saved_activation_bytes(gated, x) - plain <= samples + sum(outputs.values())

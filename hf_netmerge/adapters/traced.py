@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
 from timm.layers import LayerNorm, LayerNorm2d, LayerScale2d
 from timm.layers.norm_act import LayerNormAct2d
+from timm.models import fastvit, swiftformer
 from timm.layers import activations as timm_activations
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -43,7 +44,8 @@ WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 CHANNELS_LAST_NORMS = (nn.LayerNorm, LayerNorm)  # exact classes: a LayerNorm over the last dim of a channels-last tensor
 CHANNELS_FIRST_LAYER_NORMS = (LayerNorm2d, LayerNormAct2d)  # exact classes: a LayerNorm over dim 1 of an NCHW tensor
-SCALES = (LayerScale2d,)  # a per-channel ``gamma``
+# A per-channel ``gamma`` ((C,) viewed as (1, C, 1, 1), or (C, 1, 1)) multiplying the input.
+SCALES = (LayerScale2d, fastvit.LayerScale2d, swiftformer.LayerScale2d)
 # Activations by class; a gate after each. timm's own classes are the functional forms wrapped as modules.
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
                nn.Mish, nn.PReLU, *(getattr(timm_activations, n) for n in (
@@ -78,6 +80,7 @@ _MUL = {"mul", "mul_", "__mul__", "__imul__", "__rmul__"}
 _DIV = {"div", "div_", "__truediv__", "__itruediv__"}
 _SHAPE = {"size", "dim", "__len__", "numel", "shape", "__get__", "stride", "is_contiguous", "__bool__", "__format__", "__repr__"}
 INPUT = -1
+CONCAT = -2  # the space of a concatenation of channel spaces: see ``_Tag.parts``
 UNGATEABLE = ""  # in a tag's ``ungated``: values that no gate can make zero (a sigmoid's output)
 
 
@@ -89,6 +92,7 @@ class _Space:
     scales: list[str] = field(default_factory=list)
     sites: list[str] = field(default_factory=list)
     last_sites: list[str] = field(default_factory=list)
+    offsets: list[tuple[str, int]] = field(default_factory=list)  # norms and sites reading this space inside a concatenation
     consumers: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -109,6 +113,7 @@ class _Tag:
     ungated: frozenset[str] = frozenset()
     parameter: bool = False  # a bare per-channel parameter, before its (1, C, 1, 1) view
     last: bool = False  # channels on the last dimension (after a permute to NHWC), not on dim 1
+    parts: tuple[tuple[int, int], ...] = ()  # a concatenation (space CONCAT): each input's space and channels, in order
 
 
 def _ungated_product(a: _Tag, b: _Tag) -> frozenset[str]:
@@ -161,10 +166,26 @@ class _Tracer(TorchFunctionMode):
     def tag_of(self, t: Any) -> _Tag | None:
         return self.tags.get(id(t)) if isinstance(t, torch.Tensor) else None
 
-    def _written(self, name: str, space: int) -> frozenset[str]:
-        """The ``ungated`` of a value module ``name`` creates in ``space``: none when it is a forced gate site."""
+    def parts(self, tag: _Tag) -> list[tuple[int, int, int]]:
+        """``(space, channels, offset)`` of each channel space of a tensor: one, or the parts of a concatenation."""
+        parts = tag.parts or ((tag.space, self._size(tag.space)),)
+        offsets = [sum(size for _, size in parts[:i]) for i in range(len(parts))]
+        return [(space, size, offset) for (space, size), offset in zip(parts, offsets)]
+
+    def add_site(self, site: str, tag: _Tag) -> None:
+        """Make ``site`` a gate site of every channel space of ``tag``'s tensor (at its offset, after a concatenation)."""
+        for space, _, offset in self.parts(tag):
+            record = self.spaces[self.find(space)]
+            record.sites.append(site)
+            if tag.last:
+                record.last_sites.append(site)
+            if tag.parts:
+                record.offsets.append((site, offset))
+
+    def _written(self, name: str, tag: _Tag) -> frozenset[str]:
+        """The ``ungated`` of the values module ``name`` writes into ``tag``'s spaces: none when it is a forced gate site."""
         if name in self.forced:
-            self.spaces[self.find(space)].sites.append(name)
+            self.add_site(name, tag)
             return frozenset()
         return frozenset({name})
 
@@ -187,6 +208,9 @@ class _Tracer(TorchFunctionMode):
         tag = inputs[0] if inputs else None
         if tag is None:
             raise UnsupportedModelError(f"module {name!r} reads a tensor of unknown origin")
+        if tag.parts and not isinstance(module, (*WEIGHT_LAYERS, nn.modules.batchnorm._BatchNorm, *ACTIVATIONS, *PASS_THROUGH)):
+            raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) reads a concatenation of channel groups; "
+                                        "only convolutions, linear layers, BatchNorm, activations and pooling can")
         if tag.last and not isinstance(module, (nn.Linear, *CHANNELS_LAST_NORMS, *ACTIVATIONS, *LAYOUT_FREE)):
             raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) reads a channels-last tensor; only linear "
                                         "layers, LayerNorm, activations and dropout can")
@@ -198,17 +222,13 @@ class _Tracer(TorchFunctionMode):
             if tag.space == INPUT:
                 self.tag(output, _Tag(INPUT))
             else:  # an activation used several times (SENet's, HRNet's) gates each use: its call's site
-                site = name if self.calls[name] == 1 else f"{name}{CALL}{self.calls[name] - 1}"
-                space = self.spaces[self.find(tag.space)]
-                space.sites.append(site)
-                if tag.last:
-                    space.last_sites.append(site)
-                self.tag(output, _Tag(tag.space, last=tag.last))
+                self.add_site(name if self.calls[name] == 1 else f"{name}{CALL}{self.calls[name] - 1}", tag)
+                self.tag(output, replace(tag, ungated=frozenset()))
         elif isinstance(module, SCALES):
             self.spaces[self.find(tag.space)].scales.append(f"{name}.gamma")
             self.tag(output, _Tag(tag.space, tag.ungated))
         elif isinstance(module, PASS_THROUGH):
-            self.tag(output, _Tag(tag.space, tag.ungated, last=tag.last))
+            self.tag(output, tag)
         else:
             raise UnsupportedModelError(
                 f"module {name!r} ({type(module).__name__}) cannot be merged exactly (it mixes channels or is unknown)"
@@ -224,16 +244,17 @@ class _Tracer(TorchFunctionMode):
                     f"module {name!r} ({type(module).__name__}) does not normalize over the channels alone "
                     f"(normalized shape {tuple(module.normalized_shape)}, channels {'last' if tag.last else 'on dim 1'})"
                 )
-        space = self.spaces[self.find(tag.space)]
-        space.norms.append(name)
+        for space, _, offset in self.parts(tag):
+            record = self.spaces[self.find(space)]
+            record.norms.append(name)
+            if tag.parts:
+                record.offsets.append((name, offset))
         fused_act = getattr(module, "act", None)  # timm's BatchNormAct2d applies its activation inside
         if fused_act is not None and not isinstance(fused_act, nn.Identity):
-            space.sites.append(name)
-            self.tag(output, _Tag(tag.space))
+            self.add_site(name, tag)
+            self.tag(output, replace(tag, ungated=frozenset()))
         else:
-            if name in self.forced and tag.last:
-                space.last_sites.append(name)
-            self.tag(output, _Tag(tag.space, self._written(name, tag.space), last=tag.last))
+            self.tag(output, replace(tag, ungated=self._written(name, tag)))
 
     def _weight_layer(self, name: str, module: nn.Module, x: torch.Tensor, tag: _Tag, output: torch.Tensor) -> None:
         if type(module) not in EXACT_WEIGHT_LAYERS:
@@ -248,18 +269,18 @@ class _Tracer(TorchFunctionMode):
         if tag.space == INPUT:
             self.input_layers.append(name)
         else:
-            space = self.spaces[self.find(tag.space)]
             self.reads_gated(tag, name)
-            size = self._size(tag.space)
+            parts = self.parts(tag)
+            size = sum(channels for _, channels, _ in parts)
             in_size = module.in_features if isinstance(module, nn.Linear) else module.in_channels
             if in_size % size:
                 raise UnsupportedModelError(f"module {name!r} reads {in_size} features from a group of {size} channels")
-            space.consumers.append((name, in_size // size))
+            for space, _, offset in parts:
+                self.spaces[self.find(space)].consumers.append((name, in_size // size, offset))
         out = self.new_space()
         self.spaces[out].producers.append(name)
-        if name in self.forced and tag.last:
-            self.spaces[out].last_sites.append(name)
-        self.tag(output, _Tag(out, self._written(name, out), last=tag.last))
+        written = _Tag(out, last=tag.last)
+        self.tag(output, replace(written, ungated=self._written(name, written)))
 
     def _grouped_conv(self, name: str, module: nn.Conv2d, tag: _Tag, output: torch.Tensor) -> None:
         """A grouped or depthwise convolution maps its input space onto itself, conv group by conv group."""
@@ -268,12 +289,14 @@ class _Tracer(TorchFunctionMode):
                 f"module {name!r} is a grouped convolution (groups={module.groups}) from {module.in_channels} to "
                 f"{module.out_channels} channels; only one with as many outputs as inputs merges"
             )
-        if tag.space == INPUT:
-            raise UnsupportedModelError(f"module {name!r} is a grouped convolution (groups={module.groups}) on the network input")
+        if tag.space in (INPUT, CONCAT):
+            raise UnsupportedModelError(
+                f"module {name!r} is a grouped convolution (groups={module.groups}) on the network input or a concatenation"
+            )
         self.spaces[self.find(tag.space)].channelwise.append(name)
         # Without a bias a closed (zero) channel stays zero; a bias writes a new value.
-        ungated = tag.ungated if module.bias is None else self._written(name, tag.space)
-        self.tag(output, _Tag(tag.space, ungated))
+        ungated = tag.ungated if module.bias is None else self._written(name, tag)
+        self.tag(output, replace(tag, ungated=ungated))
 
     def _size(self, space: int) -> int:
         root = self.spaces[self.find(space)]
@@ -315,6 +338,9 @@ class _Tracer(TorchFunctionMode):
                     f"op {name!r}{self.where()} combines a channel group with a tensor of unknown origin (a layer scale?)"
                 )
         first = tagged[0]
+        if name == "cat":
+            self.tag(output, self._concatenated(args, kwargs, output))
+            return output
         if first.parameter and name in ("reshape", "view") and tuple(output.shape) == (1, output.numel(), 1, 1):
             self.tag(output, _Tag(first.space, first.ungated))  # a per-channel parameter viewed as (1, C, 1, 1)
             return output
@@ -323,8 +349,10 @@ class _Tracer(TorchFunctionMode):
                 f"op {name!r}{self.where()} uses a parameter of its module other than as a (1, C, 1, 1) per-channel view "
                 "(one shared by all channels cannot hold each teacher's value)"
             )
+        if any(t.parts for t in tagged) and (name == "permute" or len(tagged) > 1):
+            raise UnsupportedModelError(f"op {name!r}{self.where()} combines or reorders a concatenation of channel groups")
         if name == "permute":
-            self.tag(output, _Tag(first.space, first.ungated, last=self._permuted(first, args, kwargs)))
+            self.tag(output, replace(first, last=self._permuted(first, args, kwargs)))
             return output
         if first.last and name in _SPATIAL:
             raise UnsupportedModelError(f"op {name!r}{self.where()} reads a channels-last tensor as if its channels were on dim 1")
@@ -337,11 +365,11 @@ class _Tracer(TorchFunctionMode):
             ungated = _ungated_product(a, b) if name in _MUL else a.ungated if name in _DIV else a.ungated | b.ungated
             self.tag(output, _Tag(self.union(a.space, b.space), ungated, last=a.last))
         elif len(tagged) == 1 and name in _ADD:
-            self.tag(output, _Tag(first.space, first.ungated | ({UNGATEABLE} if scalar_operand else frozenset()), last=first.last))
+            self.tag(output, replace(first, ungated=first.ungated | ({UNGATEABLE} if scalar_operand else frozenset())))
         elif len(tagged) == 1 and name in _MUL | _DIV:
-            self.tag(output, _Tag(first.space, first.ungated, last=first.last))
+            self.tag(output, first)
         elif name in _ZERO_MOVING or (name in _CLAMP and not self._clamp_keeps_zero(name, args, kwargs)):
-            self.tag(output, _Tag(first.space, frozenset({UNGATEABLE}), last=first.last))
+            self.tag(output, replace(first, ungated=frozenset({UNGATEABLE})))
         elif (
             name in _ZERO_KEEPING
             or name in _CLAMP
@@ -349,10 +377,22 @@ class _Tracer(TorchFunctionMode):
             or (name == "flatten" and self._arg(args, kwargs, 1, "start_dim", 0) == 1)
             or (name in ("mean", "sum", "amax") and self._spatial_dims(args, kwargs))
         ):
-            self.tag(output, _Tag(first.space, first.ungated, last=first.last))
+            self.tag(output, first)
         else:
             raise UnsupportedModelError(f"op {name!r}{self.where()} mixes or reorders channels, so the merge cannot stay exact")
         return output
+
+    def _concatenated(self, args: tuple, kwargs: dict, output: torch.Tensor) -> _Tag:
+        """The tag of a concatenation along the channels: each input's spaces in order (refused along other dims)."""
+        tensors = list(self._arg(args, kwargs, 0, "tensors", ()))
+        dim = self._arg(args, kwargs, 1, "dim", 0)
+        tags = [self.tag_of(t) for t in tensors]
+        if output.dim() < 2 or dim % output.dim() != 1 or any(t is None or t.last or t.space == INPUT for t in tags):
+            raise UnsupportedModelError(
+                f"op 'cat'{self.where()} concatenates along dim {dim}, the network input or a tensor of unknown origin"
+            )
+        parts = tuple(part for t, x in zip(tags, tensors) for part in (t.parts or ((t.space, x.shape[1]),)))
+        return _Tag(CONCAT, frozenset().union(*(t.ungated for t in tags)), parts=parts)
 
     def _permuted(self, tag: _Tag, args: tuple, kwargs: dict) -> bool:
         """Whether a 4-d permute leaves the channels last: NCHW → NHWC or back; any other order is refused."""
@@ -446,46 +486,58 @@ def _is_unsupported(module: nn.Module) -> bool:
     return isinstance(module, (nn.InstanceNorm2d, nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d))
 
 
-def _example_input(model: nn.Module) -> torch.Tensor:
+def _example_inputs(model: nn.Module) -> list[torch.Tensor]:
+    """Inputs to trace with: at most 64 px (fast) unless the model fixes its size, then its full size (an Inception
+    needs 75 px) in case the small one fails."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     channels, *size = cfg.get("input_size", (getattr(model, "in_chans", 3), 64, 64))
-    if not cfg.get("fixed_input_size", False):
-        size = [min(s, 64) for s in size]
     param = next(model.parameters())
-    return torch.randn(2, channels, *size, device=param.device, dtype=param.dtype)
+    sizes = [size] if cfg.get("fixed_input_size", False) else [[min(s, 64) for s in size], size]
+    return [torch.randn(2, channels, *s, device=param.device, dtype=param.dtype) for s in dict.fromkeys(map(tuple, sizes))]
 
 
-def _trace(model: nn.Module, architecture: str, example: torch.Tensor, forced: frozenset[str]) -> tuple[_Tracer, Any]:
-    """One tagged forward pass with gates on the ``forced`` modules' outputs."""
+class _ForwardFailed(UnsupportedModelError):
+    """The model could not run on the example input (a smaller one than it needs, say)."""
+
+
+def _trace_once(model: nn.Module, architecture: str, example: torch.Tensor, forced: frozenset[str]) -> tuple[_Tracer, Any]:
     tracer = _Tracer(model, forced)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), tracer.hooks(model), tracer:
             tracer.tag(example, _Tag(INPUT))
-            output = model(example)
+            return tracer, model(example)
     except UnsupportedModelError:
         raise
     except _Refused as e:
         raise e.error from None
-    except (RuntimeError, TypeError, ValueError, IndexError) as e:
-        raise UnsupportedModelError(
+    except Exception as e:  # the model cannot run on this input (timm models assert sizes): a typed refusal, with the reason
+        raise _ForwardFailed(
             f"{architecture}: no declared adapter, and a forward pass on a {tuple(example.shape)} input to discover "
             f"channel groups failed: {e}"
         ) from e
     finally:
         model.train(was_training)
-    return tracer, output
+
+
+def _trace(model: nn.Module, architecture: str, examples: list[torch.Tensor], forced: frozenset[str]) -> tuple[_Tracer, Any]:
+    """One tagged forward pass with gates on the ``forced`` modules' outputs, on the first of ``examples`` the model
+    runs on."""
+    for example in examples[:-1]:
+        with contextlib.suppress(_ForwardFailed):
+            return _trace_once(model, architecture, example, forced)
+    return _trace_once(model, architecture, examples[-1], forced)
 
 
 def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | None = None) -> MergeSpec:
     """Find the channel groups of ``model`` from a forward pass (two when some values need gates); see the module docstring."""
-    example = _example_input(model) if example is None else example
+    examples = _example_inputs(model) if example is None else [example]
     forced: frozenset[str] = frozenset()
-    tracer, output = _trace(model, architecture, example, forced)
+    tracer, output = _trace(model, architecture, examples, forced)
     if tracer.needs_gate:  # a second pass with gates where the first found ungated reads; it needs no more
         forced = frozenset(tracer.needs_gate)
-        tracer, output = _trace(model, architecture, example, forced)
+        tracer, output = _trace(model, architecture, examples, forced)
         if tracer.needs_gate - forced:
             raise UnsupportedModelError(f"{architecture}: modules {sorted(tracer.needs_gate - forced)} still need gates")
     out_tag = tracer.tag_of(output)
@@ -503,6 +555,7 @@ def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | N
         into.scales += part.scales
         into.sites += part.sites
         into.last_sites += part.last_sites
+        into.offsets += part.offsets
         into.consumers += part.consumers
     # Usually one classifier; a distilled model's heads (RepViT, LeViT) are averaged into the output: each is a head
     # of the big student, averaging the teachers, and the first is the spec's output layer.
@@ -516,19 +569,22 @@ def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | N
                 f"{architecture}: channels written by {space.producers[0]!r} pass no activation where a gate can sit"
             )
         sites = list(dict.fromkeys(_call_site(n, tracer.calls) for n in space.sites))
+        # Named after its first gate site; groups meeting at one site after a concatenation, after their first producer.
+        name = sites[0] if sites[0] not in {s for g in groups for s in g.gate_sites} else space.producers[0]
         groups.append(
             ChannelGroup(
-                name=sites[0].replace(".", "_").replace(CALL, "_"),
+                name=name.replace(".", "_").replace(CALL, "_"),
                 size=tracer._size(root),
                 producers=tuple(space.producers),
-                norms=tuple(space.norms),
-                consumers=tuple(Consumer(c, e) for c, e in space.consumers),
+                norms=tuple(dict.fromkeys(space.norms)),
+                consumers=tuple(Consumer(c, e, offset) for c, e, offset in space.consumers),
                 gate_sites=tuple(sites),
                 source="discovered",
                 channelwise=tuple(space.channelwise),
                 scales=tuple(space.scales),
                 channels_last_sites=tuple(dict.fromkeys(_call_site(n, tracer.calls) for n in space.last_sites)),
                 unit=common_unit([tracer.modules_by_name[n] for n in (*space.channelwise, *space.norms)]),
+                offsets=tuple(dict.fromkeys((_call_site(n, tracer.calls), offset) for n, offset in space.offsets)),
             )
         )
     if not tracer.input_layers:
