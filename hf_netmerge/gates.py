@@ -187,9 +187,11 @@ class GateSite(nn.Module):
         object.__setattr__(self, "more", more)
 
     def _value(self, batch: int) -> torch.Tensor:
+        if self.unit == 1 and not self.more:  # the common site: one gate, a value per channel (every step: kept lean)
+            return self.gate.value(batch)
         values = [g.value(batch) if unit == 1 else g.value(batch).repeat_interleave(unit, dim=1)
                   for g, unit in ((self.gate, self.unit), *self.more)]
-        return values[0] if len(values) == 1 else torch.cat(values, dim=1)
+        return torch.cat(values, dim=1)
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         if self.fused:
