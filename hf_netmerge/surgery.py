@@ -41,11 +41,15 @@ def expand_index(index: torch.Tensor, expansion: int) -> torch.Tensor:
     return (index[:, None] * expansion + torch.arange(expansion, device=index.device)).reshape(-1)
 
 
-def _joined(tensors: list[torch.Tensor | None], like: torch.Tensor | None) -> torch.Tensor | nn.Parameter | None:
-    """The per-channel tensors of k modules concatenated (a Parameter when ``like`` is one)."""
+def _joined(
+    tensors: list[torch.Tensor | None], like: torch.Tensor | None, parts: list[tuple[int, int]] | None = None
+) -> torch.Tensor | nn.Parameter | None:
+    """The per-channel tensors of k modules concatenated (a Parameter when ``like`` is one); with ``parts``, part by
+    part: for each ``(start, size)``, every teacher's slice (a norm after a concatenation)."""
     if like is None:
         return None
-    joined = torch.cat([t.detach() for t in tensors])
+    parts = parts or [(0, like.shape[0])]
+    joined = torch.cat([t.detach()[start : start + size] for start, size in parts for t in tensors])
     return _param(joined, like) if isinstance(like, nn.Parameter) else joined
 
 
@@ -54,11 +58,6 @@ def _selected(t: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | nn.
         return None
     kept = t.detach().index_select(0, index.to(t.device))
     return _param(kept, t) if isinstance(t, nn.Parameter) else kept
-
-
-def _interleaved(tensors: list[torch.Tensor], parts: list[tuple[int, int]], dim: int = 0) -> torch.Tensor:
-    """k teachers' tensors joined along ``dim`` part by part: for each ``(start, size)`` part, every teacher's slice."""
-    return torch.cat([t.narrow(dim, start, size) for start, size in parts for t in tensors], dim)
 
 
 class WeightSurgeon:
@@ -167,9 +166,7 @@ class NormSurgeon:
         a norm after a concatenation covers; one part otherwise). k LayerNorms become one SplitNorm."""
         first = norms[0]
         names = [n for n in cls._PER_CHANNEL if isinstance(getattr(first, n, None), torch.Tensor)]
-        joined = {n: _interleaved([getattr(m, n).detach() for m in norms], parts) for n in names}
-        out = cls._resized(first, {n: _param(t, getattr(first, n)) if isinstance(getattr(first, n), nn.Parameter) else t
-                                   for n, t in joined.items()})
+        out = cls._resized(first, {n: _joined([getattr(m, n) for m in norms], getattr(first, n), parts) for n in names})
         return SplitNorm(out, len(norms)) if isinstance(first, nn.LayerNorm) else out
 
     @classmethod
