@@ -1,17 +1,15 @@
-"""Is merging worth it? Two given teachers and N more epochs: the student against what their holder would do instead.
+"""Is merging worth it? Two given converged teachers and N more epochs: the budget curve of every alternative.
 
-    .venv/bin/python benchmarks/given_teachers.py [--recipe resnet20-fashion-mnist-given] [--seeds 3] [--workers 2]
-        [--scale 1.0] [--set key=value ...] [--name NAME]
+    .venv/bin/python benchmarks/given_teachers.py [--recipe lenet-bn-fashion-mnist-given] [--fractions 0.25 0.5 1]
+        [--seeds 3] [--workers 2] [--set key=value ...] [--name NAME]
 
-A thin script over the experiment API: per seed, :func:`run_seed` of the recipe trains two teachers (checkpointed
-under ``--work-dir``, so an interrupted run resumes), then every strategy spends the same N epochs on the same
-training data and augmentation, makes every choice on the validation split, and is scored on the same test set:
-``continue`` (the better teacher trained on), ``distill`` (the ensemble distilled into the better teacher, T and α
-chosen on validation), ``weight_matching`` (align, average, recompute BatchNorm statistics, fine-tune),
-``student`` (the method), ``student_distill`` (the method, its fine-tuning distilled from the ensemble) and the
-``ensemble`` itself (no training, two networks at inference). ``merge`` is the better of the two merge variants on
-validation, per seed. ``--scale`` multiplies every stage's epochs (for a GPU machine). Writes ``<name>.json``,
-``<name>.md`` and ``<name>_box.png`` into ``benchmarks/results/``.
+A thin script over the public API: per seed, the recipe's two teachers are trained once (checkpointed under
+``--work-dir``), then for every N = fraction × the teachers' epochs, :func:`hf_netmerge.compare_models` gives every
+alternative the same N epochs on the same training data and scores it on the same test set: ``keep`` (the better
+teacher), ``continue``, ``distill``, ``weight_matching`` (BatchNorm recomputed), ``student`` (the recommended
+schedule: the recipe's ``merge``), ``student_paper`` (the paper's schedule) and the ``ensemble``. Every choice is made
+on the validation split. Each (seed, N) is cached, so an interrupted run resumes. Writes ``<name>.json``,
+``<name>.md`` and ``<name>.png`` (test accuracy against N) into ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -19,112 +17,167 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 from pathlib import Path
 
+import torch
+
 from _common import RESULTS, cache_dir, command, machine, pool_seeds, target_table
-from hf_netmerge.experiments import Budgets, RecipeConfig, Timer, load_recipe, run_seed, scale_recipe
-from hf_netmerge.experiments.report import stats, summarize
+import hf_netmerge as hm
+from hf_netmerge.data import first_examples, load_data
+from hf_netmerge.experiments import RecipeConfig, load_recipe, run_seed
+from hf_netmerge.experiments.report import stats
+from hf_netmerge.experiments.strategies import STRATEGIES
 from hf_netmerge.training.checkpoint import CheckpointDir
 
 ROOT = Path(__file__).resolve().parents[1]
-ALTERNATIVES = ["continue", "distill", "weight_matching"]
-ROWS = ["merge", "student", "student_distill", *ALTERNATIVES, "ensemble", "teacher_a", "teacher_b"]
-INFERENCE = {"ensemble": 2}  # networks evaluated per input; every other row is one network of the teachers' architecture
+ROWS = ["keep", "continue", "distill", "weight_matching", "student_paper", "student", "ensemble"]
+STAGES = ["ensemble", "gated_big_student", "student_before_finetune", "student_recalibrated", "student"]
 
 
-def job(seed: int, recipe: RecipeConfig, checkpoints: str) -> dict:
-    row = run_seed(recipe, seed, observers=[Timer(), Budgets()], checkpoints=CheckpointDir(checkpoints).sub(f"seed{seed}"),
-                   progress=False).row
-    variants = {name: row[f"{name}_validation"]["student"] for name in ("student", "student_distill")}
-    chosen = max(variants, key=variants.get)  # accuracy on the validation split
-    row.update(merge=row[chosen], merge_variant=chosen)
-    return row
+def budgets(recipe: RecipeConfig, fractions: list[float]) -> list[int]:
+    """The extra epochs N per fraction of the teachers' epochs (at least 2: one gate and one fine-tune epoch)."""
+    return sorted({max(2, round(f * recipe.teacher.epochs)) for f in fractions})
 
 
-def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig, scale: float) -> str:
-    n = len(runs)
-    lines = [f"# Given teachers: {recipe.architecture} on {recipe.data.dataset} ({n} seeds, {machine()['cpu']}, 1 thread per seed)", "",
-             f"Command: `{command()}`", "",
-             f"Training set: the first {recipe.data.max_train_samples} training images, {recipe.data.val_fraction:.0%} of them held out for "
-             f"every choice; test: the {recipe.data.dataset} test split. Teachers {recipe.teacher.epochs} epochs each; then "
-             f"N = {recipe.extra.epochs} epochs per strategy (student: {recipe.merge.gate_epochs} gate + {recipe.merge.finetune_epochs} "
-             f"fine-tune); augmentation: {recipe.augment.mode}; epochs × {scale}. MACs: training multiply-adds over the whole "
-             "budget (teachers included) relative to the student's.", "",
-             "| strategy | mean test accuracy | ± std | min | max | student better in | merge better in | training MACs / student's "
-             "| CPU s per seed | networks at inference |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in ROWS:
-        if name not in summary:
-            continue
-        s = summary[name]
-        wins = lambda who: sum(r[who] > r[name] for r in runs) if name not in (who, "merge") else None  # noqa: E731
-        cells = [f"{w}/{n}" if w is not None else "" for w in (wins("student"), wins("merge"))]
-        ratios = {**summary["macs_over_student"], "merge": summary["merge_macs_over_student"]["mean"]}
-        macs = f"{ratios[name]:.2f}" if name in ratios else ""
-        secs = f"{summary['cpu_seconds'][name]['mean']:.0f}" if name in summary["cpu_seconds"] else ""
-        lines.append(f"| {name} | {s['mean']:.4f} | {s['std']:.4f} | {s['min']:.4f} | {s['max']:.4f} | {cells[0]} | {cells[1]} | {macs} "
-                     f"| {secs} | {INFERENCE.get(name, 1)} |")
-    chosen = [r["merge_variant"] for r in runs]
-    distill = summary["distill"]["mean"]
-    best_alternative = max(summary[a]["mean"] for a in ALTERNATIVES)
-    met = summary["merge"]["mean"] > best_alternative
-    near = summary["student"]["mean"] >= distill - 0.003
-    lines += ["", f"`merge` is, per seed, the merge variant with the better validation accuracy: student_distill in "
-              f"{chosen.count('student_distill')}/{n} seeds, student in {chosen.count('student')}/{n}. The student's CPU seconds include "
-              "its teachers' (it ran first); distill and student_distill train one network per (T, α) of the grid "
-              f"{recipe.distill.grid or [[recipe.distill.temperature, recipe.distill.alpha]]}.", "",
-              *target_table([
-                  ("the better merge variant above continue, weight matching and distill (mean)",
-                   f"{summary['merge']['mean']:.4f} vs best {best_alternative:.4f}", met),
-                  ("the plain student at most 0.3 points below distill", f"{summary['student']['mean']:.4f} vs {distill:.4f}", near),
-              ])]
+def job(seed: int, recipe: RecipeConfig, epochs: list[int], work: str) -> dict:
+    """One seed: the teachers (trained once, checkpointed), then one comparison per N (each cached as JSON)."""
+    root = Path(work) / f"seed{seed}"
+    teachers = run_seed(recipe, seed, strategies=[STRATEGIES["ensemble"].from_recipe(recipe)],
+                        checkpoints=CheckpointDir(root / "checkpoints"), progress=False).teachers
+    data = load_data(recipe.data.dataset)
+    train = first_examples(data.train, recipe.data.max_train_samples)
+    test = first_examples(data.eval, recipe.data.max_test_samples)
+    out = {"seed": seed}
+    for n in epochs:
+        path = root / f"n{n}.json"
+        if not path.is_file():
+            comparison = hm.compare_models(*teachers, train, test, epochs=n, config=recipe.merge_config(seed),
+                                           val_fraction=recipe.data.val_fraction, dataset_name=data.name, progress=False)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(comparison.record()))
+            os.replace(tmp, path)
+        out[str(n)] = json.loads(path.read_text())
+    return out
+
+
+def summarize(runs: list[dict], epochs: list[int]) -> dict:
+    summary: dict = {}
+    for n in epochs:
+        records = [r[str(n)] for r in runs]
+        by_name = [{row["strategy"]: row for row in rec["rows"]} for rec in records]
+        summary[str(n)] = {
+            "test": {name: stats([rows[name]["test"] for rows in by_name]) for name in ROWS},
+            "validation": {name: stats([rows[name]["validation"] for rows in by_name])["mean"] for name in ROWS},
+            "macs_over_continue": {name: stats([rows[name]["training_macs"] / rows["continue"]["training_macs"]
+                                                for rows in by_name])["mean"] for name in ROWS},
+            "stages": {variant: {stage: stats([rec["details"][f"{variant}_validation"][stage] for rec in records])["mean"]
+                                 for stage in STAGES if stage in records[0]["details"][f"{variant}_validation"]}
+                       for variant in ("student", "student_paper")},
+            "undecided": {variant: stats([rec["details"][f"{variant}_undecided_gates"] for rec in records])["mean"]
+                          for variant in ("student", "student_paper")},
+            "winners": [rec["winner"] for rec in records],
+        }
+    return summary
+
+
+def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig, epochs: list[int]) -> str:
+    n_seeds = len(runs)
+    train = recipe.data.max_train_samples or "all"
+    lines = [f"# Given converged teachers: {recipe.architecture} on {recipe.data.dataset}, N more epochs ({n_seeds} seeds, "
+             f"{machine()['cpu']}, 1 thread per seed)", "", f"Command: `{command()}`", "",
+             f"Data: {train} training images, {recipe.data.val_fraction:.0%} of them held out for every choice; test: the "
+             f"{recipe.data.dataset} test split. Teachers: {recipe.teacher.epochs} epochs each, lr {recipe.teacher.lr} ÷10 at "
+             f"{recipe.teacher.milestones}, batch {recipe.batch_size}, no augmentation (CPU-sized). Then N extra epochs per "
+             f"strategy: continue, distill and weight matching at lr {recipe.merge.finetune_lr or recipe.merge.lr} with a cosine "
+             "schedule (distill trains one network per (T, α) of [[2, 0.5], [4, 0.9]] and keeps the better on validation); the "
+             "merges split N into ⌊N/2⌋ gate and the rest fine-tune epochs. Training multiply-adds are relative to continue's "
+             "at the same N (the gate stage trains the double-width network; distillation adds the ensemble's forward passes).", ""]
+    for n in epochs:
+        s = summary[str(n)]
+        lines += [f"## N = {n} epochs", "", "| strategy | test accuracy (mean ± std) | min | max | validation (mean) | training MACs / continue's |",
+                  "|---|---|---|---|---|---|"]
+        for name in ROWS:
+            t = s["test"][name]
+            lines.append(f"| {name} | {t['mean']:.4f} ± {t['std']:.4f} | {t['min']:.4f} | {t['max']:.4f} | {s['validation'][name]:.4f} "
+                         f"| {s['macs_over_continue'][name]:.2f} |")
+        lines += ["", "Stage by stage (validation accuracy, mean): ensemble → gated big student → compressed → recalibrated → final; "
+                  "undecided gates at the end of the gate stage.", "",
+                  "| merge | ensemble | gated | compressed | recalibrated | final | undecided |", "|---|---|---|---|---|---|---|"]
+        for variant in ("student_paper", "student"):
+            st = s["stages"][variant]
+            lines.append(f"| {variant} | " + " | ".join(f"{st[k]:.4f}" if k in st else "–" for k in STAGES)
+                         + f" | {100 * s['undecided'][variant]:.1f}% |")
+        lines += ["", f"Chosen on validation per seed: {', '.join(s['winners'])}.", ""]
+    full = summary[str(epochs[-1])]["test"]
+    half = [summary[str(n)]["test"] for n in epochs if 2 * n >= recipe.teacher.epochs]
+    better_teacher = stats([max(r[str(epochs[-1])]["details"]["teacher_a"], r[str(epochs[-1])]["details"]["teacher_b"]) for r in runs])["mean"]
+    lines += target_table([
+        ("recommended student ≥ better teacher + 0.1 pt at N = the teachers' epochs",
+         f"{full['student']['mean']:.4f} vs {better_teacher:.4f}", full["student"]["mean"] >= better_teacher + 0.001),
+        ("recommended student ≥ distill − 0.3 pt at N = the teachers' epochs", f"{full['student']['mean']:.4f} vs {full['distill']['mean']:.4f}",
+         full["student"]["mean"] >= full["distill"]["mean"] - 0.003),
+        ("recommended student never below the better teacher at N ≥ ½ the teachers' epochs",
+         ", ".join(f"{t['student']['mean']:.4f}" for t in half), all(t["student"]["mean"] >= better_teacher for t in half)),
+        ("the better merge above continue and weight matching at every N",
+         ", ".join(f"N={n}: {max(summary[str(n)]['test'][v]['mean'] for v in ('student', 'student_paper')):.4f} vs "
+                   f"{max(summary[str(n)]['test'][b]['mean'] for b in ('continue', 'weight_matching')):.4f}" for n in epochs),
+         all(max(summary[str(n)]["test"][v]["mean"] for v in ("student", "student_paper"))
+             > max(summary[str(n)]["test"][b]["mean"] for b in ("continue", "weight_matching")) for n in epochs)),
+    ])
     return "\n".join(lines)
 
 
-def box_plot(runs: list[dict], path: Path, title: str) -> None:
+def plot(summary: dict, epochs: list[int], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ROWS if n in runs[0]]
-    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.42 * len(names)))
-    ax.boxplot([[r[n] for r in runs] for n in names], orientation="horizontal", showmeans=True, meanprops={"marker": "x"})
-    ax.set_yticks(range(1, len(names) + 1), [n.replace("_", " ") for n in names])
-    ax.invert_yaxis()
-    ax.set_xlabel("test accuracy")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in ROWS:
+        means = [summary[str(n)]["test"][name]["mean"] for n in epochs]
+        stds = [summary[str(n)]["test"][name]["std"] for n in epochs]
+        style = {"linewidth": 2.5} if name.startswith("student") else {"linestyle": "--" if name in ("ensemble", "keep") else "-"}
+        ax.errorbar(epochs, means, yerr=stds, marker="o", capsize=3, label=name.replace("_", " "), **style)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(epochs, [str(n) for n in epochs])
+    ax.set_xlabel("extra epochs N")
+    ax.set_ylabel("test accuracy (mean ± std over seeds)")
     ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="resnet20-fashion-mnist-given", help="a packaged recipe name or a recipe file")
+    parser.add_argument("--recipe", default="lenet-bn-fashion-mnist-given", help="a packaged recipe name or a recipe file")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="N as fractions of the teachers' epochs")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's epochs (e.g. for a GPU machine)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-given-teachers")
     parser.add_argument("--name", help="stem of the result files (default: the recipe's name)")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
-    recipe = scale_recipe(recipe, args.scale) if args.scale != 1 else recipe
+    epochs = budgets(recipe, args.fractions)
     name = args.name or recipe.name.replace("-", "_")
+    settings = {"recipe": recipe.to_dict(), "epochs": epochs, "hf_netmerge": hm.__version__}
+    work = cache_dir(args.work_dir, settings)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    settings = {"recipe": recipe.to_dict()}
-    checkpoints = cache_dir(args.work_dir, settings) / "checkpoints"  # keyed by the settings, like the per-seed results
-    runs = pool_seeds(functools.partial(job, recipe=recipe, checkpoints=str(checkpoints)), seeds, args.work_dir, args.workers, settings)
-    summary = summarize(runs, ROWS, higher_is_better=True, baselines=ALTERNATIVES)
-    summary["merge_macs_over_student"] = stats([r["macs"][r["merge_variant"]] / r["macs"]["student"] for r in runs])
+    runs = pool_seeds(functools.partial(job, recipe=recipe, epochs=epochs, work=str(work)), seeds, args.work_dir, args.workers, settings)
+    summary = summarize(runs, epochs)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"command": command(), "machine": machine(), "recipe": recipe.to_dict(),
-                                                       "scale": args.scale, "summary": summary, "runs": runs}, indent=1))
-    (RESULTS / f"{name}.md").write_text(markdown(summary, runs, recipe, args.scale))
-    box_plot(runs, RESULTS / f"{name}_box.png", f"{recipe.architecture} on {recipe.data.dataset}, given teachers + N epochs, {len(runs)} seeds")
+                                                       "epochs": epochs, "summary": summary, "runs": runs}, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown(summary, runs, recipe, epochs))
+    plot(summary, epochs, RESULTS / f"{name}.png",
+         f"{recipe.architecture} on {recipe.data.dataset}: given teachers + N epochs ({len(runs)} seeds)")
     print((RESULTS / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     main()

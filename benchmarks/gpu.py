@@ -49,7 +49,7 @@ import hf_netmerge as hm
 from hf_netmerge.config import StageConfig
 from hf_netmerge.data import TensorBatchDataset, make_loader
 from hf_netmerge.experiments import Budgets, SeedData, Timer, load_recipe, load_seed_data, run_seed
-from hf_netmerge.gates import GateRegularizer, GateSite, gated_relu
+from hf_netmerge.gates import GateRegularizer, GateSite, LambdaSchedule, gated_relu
 from hf_netmerge.training import make_accelerator, train_stage
 
 GIB = 2**30
@@ -132,7 +132,7 @@ def runner(make: Callable[[], torch.nn.Module], data: TensorBatchDataset, bench:
         for site in model.modules():
             if isinstance(site, GateSite):
                 site.fused = site.fused and fused
-        regularizer = GateRegularizer(model, 0.01, 0.05)
+        regularizer = GateRegularizer(model, LambdaSchedule("per_epoch", 0.01, growth=0.05))
     report = train_stage(model, make_loader(data, bench.batch, shuffle=True), StageConfig(epochs=bench.epochs, lr=0.01),
                          task="classification", accelerator=make_accelerator("bf16"), name="bench", regularizer=regularizer,
                          compile_mode="default" if compiled else "no", channels_last=channels_last, progress=False)

@@ -29,7 +29,7 @@ import hf_netmerge as hm
 from hf_netmerge.config import StageConfig
 from hf_netmerge.data import TensorBatchDataset, make_loader, sine_data
 from hf_netmerge.experiments import SeedContext, Student, load_recipe, load_seed_data, run_seeds
-from hf_netmerge.gates import GateRegularizer
+from hf_netmerge.gates import GateRegularizer, LambdaSchedule
 from hf_netmerge.training import make_accelerator, train_stage
 
 TARGETS = {"runner_over_plain": 0.95, "gate_over_teacher": 2.5, "resnet50_surgery_s": 1.0, "gate_model_memory": 4.5,
@@ -65,7 +65,7 @@ def plain_loop(model: torch.nn.Module, data: TensorBatchDataset, task: str, epoc
 
 def runner(model: torch.nn.Module, data: TensorBatchDataset, task: str, epochs: int, batch: int, accelerator, gated=None) -> float:
     """Samples per second of :func:`train_stage` (with the gate regularizer when ``gated``)."""
-    reg = GateRegularizer(gated, 0.01, 0.05) if gated is not None else None
+    reg = GateRegularizer(gated, LambdaSchedule("per_epoch", 0.01, growth=0.05)) if gated is not None else None
     report = train_stage(gated or model, make_loader(data, batch, shuffle=True), StageConfig(epochs=epochs), task=task,
                          accelerator=accelerator, name="bench", regularizer=reg, progress=False)
     return report.samples / report.seconds

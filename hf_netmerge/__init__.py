@@ -11,12 +11,14 @@ from .config import MergeConfig, MergeSchedule, StageConfig
 from .errors import *  # noqa: F403  (the typed errors: NetMergeError and its subclasses)
 from .errors import __all__ as _error_names
 from .gates import Gate, GatedModel, HardConcreteGate, add_gates, remove_gates
+from .experiments.compare import Comparison, compare_models
 
 __all__ = [
     *_error_names,
     "Gate",
     "GatedModel",
     "HardConcreteGate",
+    "Comparison",
     "LoadOptions",
     "MergeConfig",
     "MergeResult",
@@ -26,6 +28,7 @@ __all__ = [
     "StageConfig",
     "__version__",
     "add_gates",
+    "compare_models",
     "compress",
     "concatenate",
     "merge_models",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import os
 import platform
 import tempfile
@@ -23,9 +24,9 @@ from ._version import __version__
 from .adapters import resolve_spec
 from .card import render_card
 from .config import MergeConfig
-from .data import Preprocessing, make_loader, prepare_dataset, training_view
+from .data import Preprocessing, make_loader, prepare_dataset, subset, training_view
 from .errors import DataModelMismatchError, UnsupportedModelError
-from .gates import GatedModel, GateRegularizer, GroupStats, add_gates, gates_removed
+from .gates import GatedModel, GateRegularizer, GroupStats, LambdaSchedule, add_gates, gates_removed
 from .hub import TeacherInfo, load_teacher, push_folder, save_student
 from .spec import MergeSpec
 from .surgery import select_model, widen_model
@@ -39,14 +40,17 @@ from .training import (
     make_accelerator,
     on_main_process,
     predict,
+    recalibrate_norms,
     task_loss,
     train_sequentially,
 )
 from .training.checkpoint import CheckpointDir
 from .validation import check_output_dir, check_teachers, teacher_key
 
-RECORD_VERSION = 5  # 2: the record names its datasets (the card is rendered from it); 3: and the preprocessing; 4: its license;
-# 5: any number of teachers (gate_stats' kept_per_teacher), gate units and exact_compression
+RECORD_VERSION = 6  # 2: the record names its datasets (the card is rendered from it); 3: and the preprocessing; 4: its license;
+# 5: any number of teachers (gate_stats' kept_per_teacher), gate units and exact_compression; 6: the preset, undecided gates
+UNDECIDED_WARNING = 0.05  # above this share of undecided gates at the end of the gate stage, the log warns
+logger = logging.getLogger("hf_netmerge")
 
 
 def concatenate(teacher_a: nn.Module, teacher_b: nn.Module, *more: nn.Module) -> nn.Module:
@@ -131,6 +135,7 @@ class MergeResult:
     teachers: tuple[TeacherInfo, ...]
     stages: list[StageReport]
     final_lambda: float
+    undecided_gates: float = 0.0
     function_gap: dict[str, float] = field(default_factory=dict)
     dataset_names: list[str] = field(default_factory=list)
     license: str | None = None
@@ -155,10 +160,12 @@ class MergeResult:
             "license": self.license,
             "preprocessing": self.preprocessing.to_dict() if self.preprocessing is not None else None,
             "merge_config": self.config.to_dict(),
+            "preset": self.config.preset_name(),
             "teachers": [t.to_dict() for t in self.teachers],
             "spec": self.spec.to_dict(),
             "gate_stats": [s.to_dict() for s in self.gate_stats],
             "final_lambda": self.final_lambda,
+            "undecided_gates": self.undecided_gates,
             "metrics": self.metrics,
             "function_gap": self.function_gap,
             "stages": [{k: v for k, v in r.to_dict().items() if k != "history"} for r in self.stages],
@@ -218,7 +225,7 @@ class MergeResult:
         return on_main_process(push)
 
 
-def _check_teacher_reads(teacher: nn.Module, data: Dataset, task: str) -> None:
+def check_teacher_reads(teacher: nn.Module, data: Dataset, task: str) -> None:
     """One forward pass and the task's loss on two examples, before anything trains: data a teacher cannot read (an
     image model on tabular data) or targets its outputs do not fit is refused with :class:`DataModelMismatchError`."""
     inputs, targets = next(iter(make_loader(data, 2, shuffle=False)))
@@ -246,7 +253,7 @@ def _dataset_name(data: Any) -> list[str]:
     return [name] if name else []
 
 
-def _label_names(data: Any, label_column: str) -> list[str] | None:
+def label_names_of(data: Any, label_column: str) -> list[str] | None:
     feature = getattr(data, "features", {}).get(label_column) if hasattr(data, "features") else None
     return list(feature.names) if getattr(feature, "names", None) else None
 
@@ -255,6 +262,14 @@ def _label_names(data: Any, label_column: str) -> list[str] | None:
 def _function_gap(gated: GatedModel, student: nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
     diff = predict(gated, loader, accelerator) - predict(student, loader, accelerator)
     return {"max_abs": float(diff.abs().max()), "mean_abs": float(diff.abs().mean())}
+
+
+def _recalibration_loader(train_set: Dataset, config: MergeConfig) -> DataLoader:
+    """Up to ``recalibration_samples`` training examples (a seeded draw, eval transform) for the BatchNorm statistics."""
+    if len(train_set) > config.recalibration_samples:
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed))
+        train_set = subset(train_set, order[: config.recalibration_samples].sort().values)
+    return make_loader(train_set, config.batch_size, shuffle=False)
 
 
 def merge_models(
@@ -306,7 +321,8 @@ def merge_models(
     train_set = prepare(train_data, min_size=config.batch_size, label="train_data")
     eval_set = prepare(eval_data, min_size=1, label="eval_data") if eval_data is not None else None
     preprocessing = getattr(train_set, "preprocessing", None)
-    _check_teacher_reads(a, train_set, config.task)
+    check_teacher_reads(a, train_set, config.task)
+    plain_train = train_set
     train_set = training_view(train_set, config.augment, config.seed)
 
     accelerator = run.accelerator or make_accelerator(config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
@@ -317,17 +333,25 @@ def merge_models(
     def measure(model: nn.Module) -> dict[str, float]:
         return evaluate(model, eval_loader, task=config.task, accelerator=accelerator) if eval_loader else {}
 
+    def ensemble_targets(alpha: float) -> DistillationLoss | None:
+        return DistillationLoss(MeanEnsemble(*teachers), config.task, config.distill_temperature, alpha) if alpha > 0 else None
+
     metrics = {teacher_key(i): measure(t) for i, t in enumerate(teachers)}
     metrics["ensemble"] = measure(MeanEnsemble(*teachers))
     metrics["big_student"] = measure(big)
     gated = add_gates(big, config.gate_init_mean, config.gate_init_std, noise_seed=config.seed)
-    regularizer = GateRegularizer(gated, config.lambda_init, config.lambda_growth, config.gate_lr)
+    regularizer = GateRegularizer(gated, LambdaSchedule.from_config(config), config.gate_lr)
     checkpoints = CheckpointDir(run.checkpoint_dir, run.checkpoint_every, writer=accelerator.is_main_process)
     job = functools.partial(StageJob, loader=train_loader, task=config.task, accelerator=accelerator, compile_mode=config.compile,
                             channels_last=config.channels_last, progress=run.progress)
     stages = run.trainer([job(gated, stage=config.gate_stage(), name=f"{run.stage_prefix}gates", regularizer=regularizer,
-                              checkpoint=checkpoints("gates"))])
+                              distillation=ensemble_targets(config.gate_distill_alpha), checkpoint=checkpoints("gates"))])
     final_lambda = stages[0].history[-1]["lambda"]
+    undecided = gated.undecided_fraction()
+    if undecided > UNDECIDED_WARNING:
+        logger.warning("%.1f%% of the gates are undecided (P[g>0] in (0.1, 0.9)) at the end of the gate stage (λ %.3g): "
+                       "compression removes channels the gates still use; raise lambda_final or gate_epochs",
+                       100 * undecided, final_lambda)
     metrics["gated_big_student"] = measure(gated)
     student = compress(gated)
     copy.deepcopy(a).load_state_dict(student.state_dict(), strict=True)
@@ -335,11 +359,12 @@ def merge_models(
     gap = _function_gap(gated, student, eval_loader, accelerator) if eval_loader else {}
     gate_stats = gated.statistics()
     del gated, big
+    if config.recalibrate_norms:
+        recalibrate_norms(student, _recalibration_loader(plain_train, config), accelerator)
+        metrics["student_recalibrated"] = measure(student)
     if config.finetune_epochs > 0:
-        distillation = (DistillationLoss(MeanEnsemble(*teachers), config.task, config.distill_temperature, config.distill_alpha)
-                        if config.distill_alpha > 0 else None)
-        stages += run.trainer([job(student, stage=config.finetune_stage(), name=f"{run.stage_prefix}finetune", distillation=distillation,
-                                   checkpoint=checkpoints("finetune"))])
+        stages += run.trainer([job(student, stage=config.finetune_stage(), name=f"{run.stage_prefix}finetune",
+                                   distillation=ensemble_targets(config.distill_alpha), checkpoint=checkpoints("finetune"))])
     student.eval()
     metrics["student"] = measure(student)
     result = MergeResult(
@@ -351,10 +376,11 @@ def merge_models(
         teachers=infos,
         stages=stages,
         final_lambda=final_lambda,
+        undecided_gates=undecided,
         function_gap=gap,
         dataset_names=output.datasets if output is not None and output.datasets else _dataset_name(train_data),
         license=output.license if output is not None and output.license else _shared_license(infos),
-        label_names=_label_names(train_data, config.label_column),
+        label_names=label_names_of(train_data, config.label_column),
         preprocessing=preprocessing,
     )
     if output is not None and accelerator.is_main_process:

@@ -1,4 +1,4 @@
-"""Command line ``hf-netmerge`` (also ``python -m hf_netmerge``): ``demo``, ``merge``, ``push``, ``run``, ``inspect``."""
+"""Command line ``hf-netmerge`` (also ``python -m hf_netmerge``): ``demo``, ``merge``, ``compare``, ``push``, ``run``, ``inspect``."""
 
 from __future__ import annotations
 
@@ -104,6 +104,30 @@ def _merge(args: argparse.Namespace) -> int:
         url = on_main_process(lambda: push_folder(Path(args.output_dir), args.push_to_hub, private=args.private or None))
         if main_process:
             print(f"pushed: {url}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import LoadOptions
+    from .data import first_examples, load_data
+    from .experiments.compare import compare_models
+    from .validation import check_output_dir
+
+    if args.output_dir:
+        check_output_dir(args.output_dir, args.overwrite)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    data = load_data(args.dataset)
+    config = _merge_config(args, data.task)
+    train = data.train if args.max_train_samples is None else first_examples(data.train, args.max_train_samples)
+    comparison = compare_models(args.teachers[0], args.teachers[1], train, data.eval, epochs=args.epochs, config=config,
+                                val_fraction=args.val_fraction, load=LoadOptions(architecture=args.architecture, allow_pickle=args.allow_pickle),
+                                dataset_name=data.name, output=args.output_dir, overwrite=args.overwrite, progress=not args.no_progress)
+    print(comparison.table())
+    if args.output_dir:
+        print(f"saved {comparison.winner} to {args.output_dir}")
     return 0
 
 
@@ -222,6 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     merge.add_argument("--no-progress", action="store_true", help="no progress bars")
     merge.set_defaults(func=_merge)
+
+    compare = sub.add_parser("compare", help="should I merge? every alternative at N more epochs on your data, chosen on validation")
+    compare.add_argument("teachers", nargs=2, metavar="TEACHER", help="two local timm directories, Hub ids (id@revision) or .safetensors files")
+    compare.add_argument("--dataset", required=True, help="sine, a save_to_disk directory, an image folder or a Hub dataset id")
+    compare.add_argument("--epochs", type=_positive, required=True, help="the extra epochs every alternative gets (at least 2)")
+    compare.add_argument("--output-dir", help="where the winner is saved (timm layout + a card with the whole table)")
+    compare.add_argument("--val-fraction", type=float, default=0.1, help="share of the training split every choice is made on (0.1)")
+    compare.add_argument("--config", help="a MergeConfig YAML file (the merge's schedule; batch size, precision, augmentation for all)")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one MergeConfig field")
+    compare.add_argument("--augment", choices=["auto", "none"], help="train-time augmentation (default auto)")
+    compare.add_argument("--num-workers", type=int, help="DataLoader worker processes that decode images (default 0)")
+    compare.add_argument("--max-train-samples", type=_positive, help="use the first N training examples only")
+    _add_speed_flags(compare)
+    compare.add_argument("--architecture", help="timm architecture of .safetensors teacher files")
+    compare.add_argument("--allow-pickle", action="store_true", help="read pickle teachers with torch.load(weights_only=True)")
+    compare.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compare.set_defaults(func=_compare)
 
     push = sub.add_parser("push", help="publish a saved student (merge --output-dir) to the Hub in one commit, without retraining")
     push.add_argument("directory", help="a directory written by merge --output-dir or MergeResult.save_pretrained")

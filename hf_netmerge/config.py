@@ -18,8 +18,11 @@ CONFIG_VERSION = 1
 Task = Literal["classification", "regression"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 CompileMode = Literal["no", "default", "reduce-overhead", "max-autotune"]
+LrSchedule = Literal["step", "cosine"]
+LambdaShape = Literal["per_epoch", "quadratic", "linear", "exponential"]
 
 C = TypeVar("C", bound="TypedConfig")
+S = TypeVar("S", bound="MergeSchedule")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -135,8 +138,9 @@ def require(condition: bool, message: str) -> None:
 
 @dataclass
 class StageConfig(TypedConfig):
-    """One training stage: SGD with momentum, optional linear warm-up over ``warmup_epochs``, the learning rate
-    multiplied by ``lr_gamma`` at each of ``milestones`` (epochs), optional gradient clipping."""
+    """One training stage: SGD with momentum, optional linear warm-up over ``warmup_epochs``, then the learning rate
+    either multiplied by ``lr_gamma`` at each of ``milestones`` (epochs; ``lr_schedule: step``) or decayed to zero
+    along a half cosine over the stage, step by step (``cosine``); optional gradient clipping."""
 
     epochs: int = 1
     lr: float = 0.01
@@ -144,6 +148,7 @@ class StageConfig(TypedConfig):
     weight_decay: float = 0.0
     milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
+    lr_schedule: LrSchedule = "step"
     warmup_epochs: int = 0
     max_grad_norm: float | None = None
     version: int = CONFIG_VERSION
@@ -157,6 +162,7 @@ class StageConfig(TypedConfig):
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         require(0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
         require(list(self.milestones) == sorted(set(self.milestones)), f"milestones must increase, got {self.milestones}")
+        require(self.lr_schedule == "step" or not self.milestones, f"milestones apply to lr_schedule 'step', not {self.lr_schedule!r}")
 
     def stretched(self, epochs: int) -> StageConfig:
         """This stage run for ``epochs`` epochs, its learning-rate drops moved in proportion."""
@@ -214,45 +220,93 @@ class AugmentConfig(TypedConfig):
 
 @dataclass
 class MergeSchedule(TypedConfig):
-    """The method's own settings: how long and how the gate stage and fine-tuning train.
+    """The method's own settings: how long and how the gate stage and fine-tuning train, and what recovers the
+    half-width student after compression.
 
-    The gate stage trains weights with SGD (``lr``) and gates with Adam (``gate_lr``, constant, no
-    weight decay); λ starts at ``lambda_init`` and grows each epoch by ``lambda_growth·√λ``.
-    Fine-tuning uses ``finetune_lr`` (``lr`` if unset), divided by 10 at ``finetune_milestones``; with
-    ``distill_alpha`` > 0 it learns from the teachers' ensemble too (knowledge distillation at
-    ``distill_temperature``, weight ``distill_alpha``): merging gives the initialization, distillation the targets.
-    A recipe's ``merge:`` section is a MergeSchedule: what every strategy shares (task, batch size,
+    The gate stage trains weights with SGD (``lr``) and gates with Adam (``gate_lr``, constant, no weight decay)
+    under ``λ·Σ(½ − mean P[g>0])²``. ``lambda_schedule`` sets λ: ``quadratic``, ``linear`` or ``exponential`` move
+    it step by step from ``lambda_init`` to ``lambda_final`` over the gate stage, so any stage length polarizes
+    the gates (``quadratic`` is the paper's curve, ``(√λ0 + (√λ1 − √λ0)·t)²``, reached at the stage's end);
+    ``per_epoch`` is the paper's own rule, λ ← λ + ``lambda_growth``·√λ after every epoch. With
+    ``gate_distill_alpha`` > 0 the gate stage also learns from the teachers' ensemble (distillation at
+    ``distill_temperature``), so the gated big student stays near the ensemble while the gates close.
+    After compression, ``recalibrate_norms`` recomputes the student's BatchNorm statistics on up to
+    ``recalibration_samples`` training examples (the kept channels' statistics were those of a different
+    network). Fine-tuning uses ``finetune_lr`` (``lr`` if unset) under ``finetune_schedule`` (``cosine`` to zero,
+    or ``step``: ÷10 at ``finetune_milestones``); with ``distill_alpha`` > 0 it learns from the ensemble too.
+
+    ``MergeSchedule()`` is the recommended recipe, chosen on validation data (``benchmarks/merge_levers.py``): given
+    converged teachers, a quarter of the extra epochs on gates and the rest on fine-tuning distilled from the
+    ensemble; :meth:`paper` is the paper's exact schedule. A recipe's ``merge:`` section is a MergeSchedule
+    (``preset: paper`` starts it from the paper's values); what every strategy shares (task, batch size,
     precision, data columns) is set once at the recipe's top level.
     """
 
-    gate_epochs: int = 2
-    finetune_epochs: int = 2
+    gate_epochs: int = 1
+    finetune_epochs: int = 3
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
     finetune_lr: float | None = None
+    finetune_schedule: LrSchedule = "cosine"
     finetune_milestones: list[int] = field(default_factory=list)
     gate_lr: float = 0.1
     gate_init_mean: float = 1.0
     gate_init_std: float = 0.01
-    lambda_init: float = 0.01
+    lambda_schedule: LambdaShape = "quadratic"
+    lambda_init: float = 0.05
+    lambda_final: float = 20.0
     lambda_growth: float = 0.05
     max_grad_norm: float | None = None
-    distill_alpha: float = 0.0
-    distill_temperature: float = 4.0
+    gate_distill_alpha: float = 0.0
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+    recalibrate_norms: bool = True
+    recalibration_samples: int = 10000
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        require(0 <= self.distill_alpha <= 1, f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        for name in ("distill_alpha", "gate_distill_alpha"):
+            require(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
         require(self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}")
         require(self.gate_epochs >= 1, f"gate_epochs must be >= 1, got {self.gate_epochs}")
         require(self.finetune_epochs >= 0, f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         require(self.gate_lr > 0, f"gate_lr must be > 0, got {self.gate_lr}")
         require(self.gate_init_std >= 0, f"gate_init_std must be >= 0, got {self.gate_init_std}")
         require(self.lambda_init > 0, f"lambda_init must be > 0, got {self.lambda_init}")
+        require(self.lambda_final > 0, f"lambda_final must be > 0, got {self.lambda_final}")
         require(self.lambda_growth >= 0, f"lambda_growth must be >= 0, got {self.lambda_growth}")
+        require(self.recalibration_samples >= 1, f"recalibration_samples must be >= 1, got {self.recalibration_samples}")
+        require(self.finetune_schedule == "step" or not self.finetune_milestones,
+                f"finetune_milestones {self.finetune_milestones} need finetune_schedule: step (the {self.finetune_schedule!r} "
+                "schedule has no milestones)")
         self.gate_stage()
         self.finetune_stage()
+
+    @classmethod
+    def paper(cls: type[S], **changes: Any) -> S:
+        """The paper's exact schedule (λ from 0.01 growing by 0.05·√λ per epoch, fine-tuning at ``lr`` without
+        distillation, no recalibration), with ``changes`` applied: what the paper's recipes run."""
+        return cls(**{**PAPER_SCHEDULE, **changes})
+
+    @classmethod
+    def from_dict(cls: type[S], data: dict[str, Any]) -> S:
+        """As :meth:`TypedConfig.from_dict`; a ``preset: paper`` key starts from :meth:`paper`'s values."""
+        if isinstance(data, dict) and "preset" in data:
+            data = dict(data)
+            preset = data.pop("preset")
+            require(preset in PRESETS, f"preset: {preset!r} is not one of {sorted(PRESETS)}")
+            data = {**PRESETS[preset], **data}
+        return super().from_dict(data)
+
+    def preset_name(self) -> str:
+        """``recommended`` or ``paper`` when the method's settings (all but the stage lengths and learning rates) are
+        that preset's, else ``custom``: what the card and the README say ran."""
+        values = self.to_dict()
+        for name, preset in PRESETS.items():
+            if all(values[k] == v for k, v in preset.items() if k in METHOD_FIELDS):
+                return name
+        return "custom"
 
     def gate_stage(self) -> StageConfig:
         """The weights' schedule during the gate stage (constant learning rate)."""
@@ -268,8 +322,28 @@ class MergeSchedule(TypedConfig):
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             milestones=list(self.finetune_milestones),
+            lr_schedule=self.finetune_schedule,
             max_grad_norm=self.max_grad_norm,
         )
+
+
+# The paper's schedule: λ per epoch, no recovery levers. Stage lengths and learning rates stay each recipe's own.
+PAPER_SCHEDULE: dict[str, Any] = {
+    "lambda_schedule": "per_epoch",
+    "lambda_init": 0.01,
+    "lambda_growth": 0.05,
+    "finetune_schedule": "step",
+    "gate_distill_alpha": 0.0,
+    "distill_alpha": 0.0,
+    "distill_temperature": 4.0,
+    "recalibrate_norms": False,
+}
+# The fields that tell the presets apart (how λ moves and which recovery levers run), for preset_name.
+METHOD_FIELDS = frozenset({"lambda_schedule", "finetune_schedule", "gate_distill_alpha", "distill_alpha", "recalibrate_norms"})
+PRESETS: dict[str, dict[str, Any]] = {
+    "recommended": {k: v for k, v in MergeSchedule().to_dict().items() if k in METHOD_FIELDS},
+    "paper": PAPER_SCHEDULE,
+}
 
 
 @dataclass

@@ -14,12 +14,13 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, get_args, runtime_checkable
 
 import torch
 from accelerate.state import PartialState
 from torch import nn
 
+from .config import LambdaShape, MergeSchedule
 from .errors import UnsupportedModelError
 from .spec import CALL, MIXING_NORMS, ChannelGroup, MergeSpec, validate_spec
 from .surgery import expand_index, group_origin, replace_module
@@ -29,6 +30,7 @@ GAMMA = -0.1
 ZETA = 1.1
 _LOG_RATIO = math.log(-GAMMA / ZETA)
 _EPS = 1e-6
+UNDECIDED = (0.1, 0.9)  # a gate whose P[g>0] lies strictly between these has not polarized
 
 
 @runtime_checkable
@@ -237,6 +239,7 @@ class GroupStats:
     min_kept_gate: float
     unit: int = 1
     exact_compression: bool = True
+    undecided_fraction: float = 0.0
 
     @property
     def kept_from_a(self) -> int:
@@ -371,6 +374,12 @@ class GatedModel(nn.Module):
         terms = [(target - gate.prob_open().mean()) ** 2 for gate in self.gates.values()]
         return torch.stack(terms).sum()
 
+    def undecided_fraction(self) -> float:
+        """The share of all gate values whose P[g>0] lies in (0.1, 0.9): how far the gates are from polarized."""
+        with torch.no_grad():
+            p = torch.cat([gate.prob_open().detach().flatten().float().cpu() for gate in self.gates.values()])
+        return float(_undecided(p).float().mean())
+
     def keep_units(self) -> dict[str, torch.Tensor]:
         """Per group, the ``1/k`` of the units with the highest scores (``log_alpha``; ties by index), in original order."""
         keep = {}
@@ -406,9 +415,14 @@ class GatedModel(nn.Module):
                         min_kept_gate=float(value[units[g.name]].min()),
                         unit=g.unit,
                         exact_compression=g.name not in self.mixed_norm_groups or max(per_teacher) == g.size,
+                        undecided_fraction=float(_undecided(gate.prob_open().cpu()).float().mean()),
                     )
                 )
         return stats
+
+
+def _undecided(p_open: torch.Tensor) -> torch.Tensor:
+    return (p_open > UNDECIDED[0]) & (p_open < UNDECIDED[1])
 
 
 def add_gates(
@@ -448,34 +462,58 @@ def gates_removed(gated: GatedModel) -> Iterator[nn.Module]:
             replace_module(gated.model, name, site)
 
 
+@dataclass(frozen=True)
 class LambdaSchedule:
-    """λ of the half loss, growing once per epoch as λ ← λ + c·√λ (quadratic in the epoch count)."""
+    """λ of the half loss as a function of the gate stage's progress (no state: a resumed stage recomputes it).
 
-    def __init__(self, initial: float, growth: float) -> None:
-        if initial <= 0 or growth < 0:
-            raise ValueError("lambda_init must be > 0 and lambda_growth >= 0")
-        self.value = initial
-        self.growth = growth
+    ``per_epoch`` is the paper's rule: λ starts at ``initial`` and grows by ``growth·√λ`` after each whole epoch
+    (quadratic in the epoch count), so where it ends depends on the stage's length. The other shapes move λ step
+    by step from ``initial`` to ``final``, reached at the end of the stage's ``epochs``: ``quadratic``
+    (``(√λ0 + (√λ1 − √λ0)·t)²``, the paper's curve), ``linear`` and ``exponential`` (geometric).
+    """
 
-    def step(self) -> float:
-        """Advance one epoch; returns the new λ."""
-        self.value += self.growth * math.sqrt(self.value)
-        return self.value
+    shape: str = "quadratic"
+    initial: float = 0.05
+    final: float = 20.0
+    growth: float = 0.05
+    epochs: int = 1
 
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value, "growth": self.growth}
+    def __post_init__(self) -> None:
+        if self.shape not in LAMBDA_SHAPES:
+            raise ValueError(f"lambda_schedule must be one of {LAMBDA_SHAPES}, got {self.shape!r}")
+        if self.initial <= 0 or self.final <= 0 or self.growth < 0 or self.epochs < 1:
+            raise ValueError("lambda_init and lambda_final must be > 0, lambda_growth >= 0 and the stage at least one epoch long")
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value, self.growth = float(state["value"]), float(state["growth"])
+    @classmethod
+    def from_config(cls, config: MergeSchedule) -> LambdaSchedule:
+        """The schedule a :class:`~hf_netmerge.config.MergeSchedule` describes, over its gate stage."""
+        return cls(config.lambda_schedule, config.lambda_init, config.lambda_final, config.lambda_growth, config.gate_epochs)
+
+    def at(self, epoch: float) -> float:
+        """λ after ``epoch`` epochs of the stage (a fraction counts the steps done in the current epoch)."""
+        if self.shape == "per_epoch":
+            value = self.initial
+            for _ in range(int(epoch)):
+                value += self.growth * math.sqrt(value)
+            return value
+        t = min(max(epoch / self.epochs, 0.0), 1.0)
+        if self.shape == "quadratic":
+            return (math.sqrt(self.initial) + (math.sqrt(self.final) - math.sqrt(self.initial)) * t) ** 2
+        if self.shape == "linear":
+            return self.initial + (self.final - self.initial) * t
+        return self.initial * (self.final / self.initial) ** t
+
+
+LAMBDA_SHAPES = get_args(LambdaShape)
 
 
 class GateRegularizer:
-    """The gate stage's extra objective: ``λ·half_penalty``, with its own λ schedule, gate parameters and their
+    """The gate stage's extra objective: ``λ·half_penalty``, with its λ schedule, gate parameters and their
     optimizer (Adam at a constant ``lr``, no weight decay, fp32 gates)."""
 
-    def __init__(self, gated: GatedModel, lambda_init: float, lambda_growth: float, lr: float = 0.1) -> None:
+    def __init__(self, gated: GatedModel, schedule: LambdaSchedule, lr: float = 0.1) -> None:
         self.gated = gated
-        self.schedule = LambdaSchedule(lambda_init, lambda_growth)
+        self.schedule = schedule
         self.lr = lr
 
     def parameters(self) -> list[nn.Parameter]:
@@ -490,23 +528,14 @@ class GateRegularizer:
         """The half penalty of the gated model's current gates."""
         return self.gated.half_penalty()
 
-    def weight(self) -> float:
-        """This epoch's λ."""
-        return self.schedule.value
-
-    def end_epoch(self) -> None:
-        self.schedule.step()
-
-    def state_dict(self) -> dict[str, float]:
-        return self.schedule.state_dict()
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.schedule.load_state_dict(state)
+    def weight(self, epoch: float) -> float:
+        """λ at ``epoch`` (fractional) epochs into the stage."""
+        return self.schedule.at(epoch)
 
     def log(self) -> dict[str, float]:
-        """λ, the penalty and each group's mean P[g>0], for trackers."""
+        """The penalty, each group's mean P[g>0] and the share of undecided gates, for trackers."""
         with torch.no_grad():
-            out = {"lambda": self.schedule.value, "penalty": float(self.gated.half_penalty())}
+            out = {"penalty": float(self.gated.half_penalty()), "undecided": self.gated.undecided_fraction()}
             for name, gate in self.gated.gates.items():
                 out[f"p_open/{name}"] = float(gate.prob_open().mean())
         return out

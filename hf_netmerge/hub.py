@@ -346,7 +346,7 @@ def _timm_layout(model: nn.Module, folder: Path, label_names: list[str] | None, 
 
     save_for_hf(model, folder, model_config={"label_names": label_names} if label_names else None, safe_serialization=True)
     config = json.loads((folder / CONFIG_NAME).read_text())
-    config["model_args"] = {**_input_args(model), **config.get("model_args", {})}  # timm's own values win
+    config["model_args"] = {**input_args(model), **config.get("model_args", {})}  # timm's own values win
     config["model_args"].pop("num_classes", None)
     if not config.get("model_args"):
         config.pop("model_args", None)
@@ -357,7 +357,7 @@ def _timm_layout(model: nn.Module, folder: Path, label_names: list[str] | None, 
     _write(folder / WEIGHTS_NAME, safetensors.torch.save(state, metadata={"format": "pt"}))
 
 
-def _input_args(model: nn.Module) -> dict[str, Any]:
+def input_args(model: nn.Module) -> dict[str, Any]:
     """The input channels and fixed image size ``model`` was built with, as ``create_model`` arguments. timm writes
     them into ``model_args`` itself only from 1.0.31 on; before, a 1-channel model's config rebuilt a 3-channel one."""
     args: dict[str, Any] = {}

@@ -15,7 +15,7 @@ import hf_netmerge as hm
 
 from conftest import QUIET, image_dataset, make_teacher, record_output_dtypes
 
-FAST = dict(gate_epochs=2, finetune_epochs=1, batch_size=16, lr=0.02, gate_lr=0.2, lambda_init=0.5, lambda_growth=0.5)
+FAST = dict(gate_epochs=2, finetune_epochs=1, batch_size=16, lr=0.02, gate_lr=0.2, lambda_init=0.5, lambda_final=4.0)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +36,13 @@ def test_merge_models_runs_every_stage_and_measures(teachers, data):
     assert [s.stage for s in result.stages] == ["gates", "finetune"]
     assert result.stages[0].steps == 2 * 4 and result.stages[1].steps == 4
     history = result.stages[0].history
-    assert history[1]["lambda"] > history[0]["lambda"] == FAST["lambda_init"]
+    # λ moves per step, quadratically, to lambda_final at the end of the stage (4 steps per epoch: the last step is at 7/8)
+    quadratic = lambda t: (0.5**0.5 + (4.0**0.5 - 0.5**0.5) * t) ** 2  # noqa: E731
+    assert [h["lambda"] for h in history] == pytest.approx([quadratic(3 / 8), quadratic(7 / 8)])
+    assert result.final_lambda == history[-1]["lambda"]
     assert set(result.metrics) == {
-        "teacher_a", "teacher_b", "ensemble", "big_student", "gated_big_student", "student_before_finetune", "student"
+        "teacher_a", "teacher_b", "ensemble", "big_student", "gated_big_student", "student_before_finetune", "student_recalibrated",
+        "student",
     }
     assert result.metrics["big_student"]["loss"] == pytest.approx(result.metrics["ensemble"]["loss"], rel=1e-5)
     assert [s.group for s in result.gate_stats] == ["conv1", "conv2", "fc1", "fc2"]

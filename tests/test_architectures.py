@@ -252,7 +252,7 @@ def test_merge_models_trains_gates_and_compresses(name, kwargs):
     a, b, kwargs = _teachers(name, kwargs)
     data = image_dataset(32, 5, size=32, seed=0)
     config = hm.MergeConfig(
-        gate_epochs=2, finetune_epochs=1, batch_size=16, gate_lr=0.2, lambda_init=1.0, lambda_growth=1.0, image_size=32
+        gate_epochs=2, finetune_epochs=1, batch_size=16, gate_lr=0.2, lambda_init=1.0, lambda_final=4.0, image_size=32
     )
     result = hm.merge_models(a, b, data, data, config, run=QUIET)
     history = result.stages[0].history

@@ -8,7 +8,7 @@ from hf_netmerge import ConfigError, MergeConfig, StageConfig
 
 
 def test_defaults_are_valid_and_round_trip_json_and_yaml(tmp_path):
-    cfg = MergeConfig(gate_epochs=3, finetune_milestones=[1], mixed_precision="bf16", task="regression")
+    cfg = MergeConfig(gate_epochs=3, finetune_schedule="step", finetune_milestones=[1], mixed_precision="bf16", task="regression")
     assert MergeConfig.from_json(cfg.to_json()) == cfg
     path = tmp_path / "merge.yaml"
     path.write_text(cfg.to_yaml())
@@ -31,7 +31,12 @@ def test_defaults_are_valid_and_round_trip_json_and_yaml(tmp_path):
         ({"batch_size": 0}, "batch_size"),
         ({"gate_epochs": 0}, "gate_epochs"),
         ({"lambda_init": -1.0}, "lambda_init"),
-        ({"finetune_milestones": [3, 1]}, "milestones"),
+        ({"finetune_schedule": "step", "finetune_milestones": [3, 1]}, "milestones must increase"),
+        ({"finetune_milestones": [2]}, "need finetune_schedule: step"),
+        ({"lambda_schedule": "cubic"}, "not one of"),
+        ({"lambda_final": 0}, "lambda_final"),
+        ({"gate_distill_alpha": 1.5}, "gate_distill_alpha"),
+        ({"recalibration_samples": 0}, "recalibration_samples"),
     ],
 )
 def test_bad_values_are_refused(data, match):
@@ -40,9 +45,10 @@ def test_bad_values_are_refused(data, match):
 
 
 def test_numbers_coerce_and_stages_derive():
-    cfg = MergeConfig.from_dict({"lr": 1, "finetune_lr": 0.005, "finetune_epochs": 4, "finetune_milestones": [2]})
+    cfg = MergeConfig.from_dict({"lr": 1, "finetune_lr": 0.005, "finetune_epochs": 4, "finetune_schedule": "step", "finetune_milestones": [2]})
     assert isinstance(cfg.lr, float)
     assert cfg.finetune_stage() == StageConfig(epochs=4, lr=0.005, momentum=0.9, milestones=[2])
+    assert MergeConfig(finetune_epochs=4).finetune_stage().lr_schedule == "cosine"
     assert cfg.gate_stage().lr == 1.0 and cfg.gate_stage().milestones == []
 
 

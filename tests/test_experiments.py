@@ -199,9 +199,11 @@ def test_the_card_is_rendered_from_the_saved_record(tmp_path):
 def test_scaling_a_recipe_scales_every_stage():
     recipe = load_recipe("resnet20-fashion-mnist-given")
     scaled = scale_recipe(recipe, 10)
-    assert (scaled.teacher.epochs, scaled.teacher.milestones) == (40, [30])
-    assert (scaled.extra.epochs, scaled.extra.milestones) == (20, [10])
-    assert (scaled.merge.gate_epochs, scaled.merge.finetune_epochs, scaled.merge.lambda_growth) == (10, 10, 0.2)
+    assert (scaled.teacher.epochs, scaled.teacher.milestones) == (80, [50, 70])
+    assert (scaled.extra.epochs, scaled.extra.lr_schedule) == (80, "cosine")
+    assert (scaled.merge.gate_epochs, scaled.merge.finetune_epochs, scaled.merge.lambda_final) == (20, 60, recipe.merge.lambda_final)
+    paper = scale_recipe(load_recipe("resnet20-cifar100"), 0.5)  # λ per epoch: its growth rescaled to end where it would
+    assert (paper.merge.gate_epochs, paper.merge.lambda_growth) == (50, 0.1)
 
 
 @pytest.mark.parametrize("grid", [[[4, 0.9, 1]], [[0, 0.5]], [[2, 1.5]]])

@@ -114,22 +114,51 @@ def test_half_penalty_matches_hand_computation():
     p1 = 1 / (1 + math.exp(-(3.0 - BETA * math.log(-GAMMA / ZETA))))
     expected = (0.5 - p0) ** 2 + (0.5 - p1) ** 2
     assert gated.half_penalty().item() == pytest.approx(expected, rel=1e-5)
-    reg = GateRegularizer(gated, lambda_init=0.3, lambda_growth=0.05)
-    assert reg.weight() == 0.3 and reg.penalty().item() == pytest.approx(expected, rel=1e-5)
+    reg = GateRegularizer(gated, LambdaSchedule("per_epoch", 0.3, growth=0.05, epochs=4))
+    assert reg.weight(0.5) == 0.3 and reg.penalty().item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_lambda_grows_quadratically():
-    schedule = LambdaSchedule(0.01, 0.05)
-    values = [schedule.value] + [schedule.step() for _ in range(3)]
+def test_per_epoch_lambda_grows_quadratically_once_per_epoch():
+    """The paper's rule: λ ← λ + c·√λ after each whole epoch, constant within an epoch."""
+    schedule = LambdaSchedule("per_epoch", 0.01, growth=0.05, epochs=150)
     expected = [0.01]
     for _ in range(3):
         expected.append(expected[-1] + 0.05 * math.sqrt(expected[-1]))
-    assert values == pytest.approx(expected)
-    for _ in range(146):
-        schedule.step()
-    assert 12 < schedule.value < 16  # √λ grows ~c/2 per epoch: (0.1 + 0.025·150)² ≈ 14.8
+    assert [schedule.at(e) for e in range(4)] == pytest.approx(expected)
+    assert schedule.at(2.99) == schedule.at(2)
+    assert 12 < schedule.at(150) < 16  # √λ grows ~c/2 per epoch: (0.1 + 0.025·150)² ≈ 14.8
     with pytest.raises(ValueError):
-        LambdaSchedule(0.0, 0.05)
+        LambdaSchedule("per_epoch", 0.0, growth=0.05)
+
+
+@pytest.mark.parametrize("shape", ["quadratic", "linear", "exponential"])
+@pytest.mark.parametrize("epochs", [1, 3, 40])
+def test_per_step_lambda_reaches_its_final_value_at_the_end_of_any_stage(shape, epochs):
+    """λ moves every step from lambda_init to lambda_final whatever the stage's length (the per-epoch rule leaves a
+    2-epoch stage at λ ≈ 0.015 from 0.01)."""
+    schedule = LambdaSchedule(shape, 0.05, 20.0, epochs=epochs)
+    points = [schedule.at(epochs * k / 100) for k in range(101)]
+    assert points[0] == pytest.approx(0.05) and points[-1] == pytest.approx(20.0)
+    assert all(later > earlier for earlier, later in zip(points, points[1:]))
+    middle = {"quadratic": ((0.05**0.5 + 20**0.5) / 2) ** 2, "linear": (0.05 + 20) / 2, "exponential": (0.05 * 20) ** 0.5}[shape]
+    assert schedule.at(epochs / 2) == pytest.approx(middle)
+    assert schedule.at(epochs + 5) == pytest.approx(20.0)
+
+
+def test_statistics_count_undecided_gates():
+    """A gate is undecided while P[g>0] lies in (0.1, 0.9); the share is reported per group and over all gates."""
+    a, b = make_teacher("netmerge_mlp_bn", {}, 0), make_teacher("netmerge_mlp_bn", {}, 1)
+    gated = hm.add_gates(hm.concatenate(a, b))
+    with torch.no_grad():
+        for gate in gated.gates.values():
+            gate.log_alpha.fill_(6.0)  # P ≈ 1: decided
+        first = gated.gates["hidden0"].log_alpha
+        first[: first.numel() // 4] = 0.0  # P ≈ 0.17: undecided
+    stats = {s.group: s for s in gated.statistics()}
+    assert stats["hidden0"].undecided_fraction == pytest.approx(0.25, abs=1 / first.numel())
+    assert stats["hidden1"].undecided_fraction == 0.0
+    total = sum(g.log_alpha.numel() for g in gated.gates.values())
+    assert gated.undecided_fraction() == pytest.approx((first.numel() // 4) / total)
 
 
 class TwoSites(nn.Module):

@@ -14,7 +14,7 @@ from hf_netmerge.config import StageConfig
 from hf_netmerge.data import TensorBatchDataset, make_loader, sine_splits
 from hf_netmerge.errors import NonFiniteLossError
 from hf_netmerge.experiments import ValidationScores, load_recipe, run_recipe, run_seeds
-from hf_netmerge.gates import GateRegularizer
+from hf_netmerge.gates import GateRegularizer, LambdaSchedule
 from hf_netmerge.training import StackingTrainer, StageJob, make_accelerator, train_sequentially, train_stacked
 from hf_netmerge.training.checkpoint import StageCheckpoint
 from hf_netmerge.training.stacked import stack_key, unstackable
@@ -91,14 +91,15 @@ def _gated(seed: int) -> hm.GatedModel:
 
 
 def test_stacked_gate_stage_equals_each_gate_stage_alone():
-    """Each gated big student keeps its own noise stream, λ schedule and Adam state in the stack."""
+    """Each gated big student keeps its own noise stream, λ schedule (per epoch or per step) and Adam state in the stack."""
     models = [_gated(k) for k in range(3)]
     alone = copy.deepcopy(models)
     stage = [StageConfig(epochs=3, lr=0.01)] * 3
     data = [_sine(k) for k in range(3)]
     growth = [0.05, 0.5, 2.0]
-    expected = train_sequentially(_jobs(alone, data, stage, "regression", [GateRegularizer(m, 0.01, g) for m, g in zip(alone, growth)]))
-    reports = train_stacked(_jobs(models, data, stage, "regression", [GateRegularizer(m, 0.01, g) for m, g in zip(models, growth)]))
+    schedules = [LambdaSchedule("per_epoch", 0.01, growth=g, epochs=3) for g in growth[:2]] + [LambdaSchedule("quadratic", 0.01, 5.0, epochs=3)]
+    expected = train_sequentially(_jobs(alone, data, stage, "regression", [GateRegularizer(m, s) for m, s in zip(alone, schedules)]))
+    reports = train_stacked(_jobs(models, data, stage, "regression", [GateRegularizer(m, s) for m, s in zip(models, schedules)]))
     _assert_same_training(models, alone, reports, expected)
     assert [m.noise.passes.item() for m in models] == [m.noise.passes.item() for m in alone] == [24] * 3
     assert len({r.history[-1]["lambda"] for r in reports}) == 3

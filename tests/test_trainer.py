@@ -46,6 +46,19 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
 def test_lr_schedule_warms_up_then_decays():
     factor = lr_factor(StageConfig(epochs=10, warmup_epochs=2, milestones=[5, 8], lr_gamma=0.1))
     assert [round(factor(e), 6) for e in range(10)] == [0.5, 1, 1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01]
+    assert factor(4.99) == 1 and factor(5.0) == pytest.approx(0.1)  # steps within an epoch keep the epoch's rate
+
+
+def test_cosine_schedule_decays_step_by_step_to_zero():
+    factor = lr_factor(StageConfig(epochs=4, lr_schedule="cosine"))
+    assert [factor(e) for e in (0, 1, 2, 4)] == pytest.approx([1.0, 0.5 + 0.5 * 2**-0.5, 0.5, 0.0], abs=1e-12)
+    stage = StageConfig(epochs=2, lr=0.1, lr_schedule="cosine")
+    report = train_stage(_lenet(0), make_loader(_images(64), 16, shuffle=True), stage, task="classification",
+                         accelerator=make_accelerator("no"), name="cosine", progress=False)
+    # the rate of each epoch's last step (4 steps an epoch): positions 3/4 and 7/4 of a 2-epoch half cosine
+    assert [h["lr"] for h in report.history] == pytest.approx([0.1 * lr_factor(stage)(0.75), 0.1 * lr_factor(stage)(1.75)])
+    with pytest.raises(hm.ConfigError, match="milestones apply to lr_schedule 'step'"):
+        StageConfig(epochs=4, milestones=[2], lr_schedule="cosine")
 
 
 def test_gradient_accumulation_steps_once_per_two_batches():
@@ -119,7 +132,7 @@ def _two_process_job(out: str) -> None:
     accelerator.end_training()
 
 
-TWO_PROCESS_MERGE = hm.MergeConfig(gate_epochs=2, finetune_epochs=1, batch_size=16, lambda_init=1.0, lambda_growth=1.0)
+TWO_PROCESS_MERGE = hm.MergeConfig(gate_epochs=2, finetune_epochs=1, batch_size=16, lambda_init=1.0, lambda_final=4.0)
 
 
 def test_two_processes_stay_synchronized_and_match_one_process(tmp_path):
@@ -141,7 +154,7 @@ def test_two_processes_stay_synchronized_and_match_one_process(tmp_path):
 
 
 RUN = ["-m", "hf_netmerge", "run", str(ROOT / "recipes" / "sine-cpu.yaml"), "seeds=[0]", "teacher.epochs=4", "teacher.milestones=[3]",
-       "merge.gate_epochs=6", "merge.finetune_epochs=3", "merge.finetune_milestones=[2]", "one_model.epochs=4",
+       "merge.preset=recommended", "merge.finetune_milestones=[]", "merge.gate_epochs=6", "merge.finetune_epochs=3", "one_model.epochs=4",
        "one_model.milestones=[3]", "baselines=[one_model]", "--no-progress"]
 
 

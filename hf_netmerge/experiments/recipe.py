@@ -218,7 +218,8 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
 def scale_recipe(recipe: RecipeConfig, factor: float) -> RecipeConfig:
     """``recipe`` with every stage's epochs times ``factor`` (at least 1), drops moved in proportion.
 
-    λ's growth per epoch is divided by ``factor`` so λ ends where it would after the full gate stage.
+    The ``per_epoch`` λ schedule's growth is divided by ``factor`` so λ ends where it would after the full gate stage
+    (the per-step schedules reach ``lambda_final`` at the end of any stage length by themselves).
     """
     require(factor > 0, f"the epochs scale must be > 0, got {factor}")
 

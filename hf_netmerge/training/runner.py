@@ -30,10 +30,11 @@ from .checkpoint import StageCheckpoint
 
 
 class Regularizer(Protocol):
-    """An extra loss term ``weight()·penalty()`` with its own parameters and per-epoch schedule (the gates' half loss).
+    """An extra loss term ``weight(epoch)·penalty()`` with its own parameters and optimizer (the gates' half loss).
 
     ``penalty`` is computed from the current parameters of the model it regularizes (stacked training calls it with
-    every network's parameters swapped in); ``weight`` is a plain number that changes only at ``end_epoch``.
+    every network's parameters swapped in); ``weight`` is a plain number, a function of the stage's progress in
+    (fractional) epochs only, so a resumed stage needs no state of it.
     """
 
     def parameters(self) -> list[nn.Parameter]: ...
@@ -42,15 +43,9 @@ class Regularizer(Protocol):
 
     def penalty(self) -> torch.Tensor: ...
 
-    def weight(self) -> float: ...
-
-    def end_epoch(self) -> None: ...
+    def weight(self, epoch: float) -> float: ...
 
     def log(self) -> dict[str, float]: ...
-
-    def state_dict(self) -> dict[str, float]: ...
-
-    def load_state_dict(self, state: dict[str, float]) -> None: ...
 
 
 @dataclass
@@ -78,14 +73,23 @@ def task_loss(task: str, output: torch.Tensor, target: torch.Tensor) -> torch.Te
     return F.mse_loss(output, target.float().view_as(output))
 
 
-def lr_factor(stage: StageConfig) -> Callable[[int], float]:
-    """The learning-rate multiplier per epoch: linear warm-up, then ×``lr_gamma`` at each milestone."""
+def lr_factor(stage: StageConfig) -> Callable[[float], float]:
+    """The learning-rate multiplier at ``epoch`` (fractional: the steps done in the current epoch count): linear
+    warm-up per epoch, then ×``lr_gamma`` at each milestone (``step``) or a half cosine to zero over the stage."""
 
-    def factor(epoch: int) -> float:
-        warm = min(1.0, (epoch + 1) / stage.warmup_epochs) if stage.warmup_epochs else 1.0
-        return warm * stage.lr_gamma ** sum(epoch >= m for m in stage.milestones)
+    def factor(epoch: float) -> float:
+        whole = math.floor(epoch)
+        warm = min(1.0, (whole + 1) / stage.warmup_epochs) if stage.warmup_epochs else 1.0
+        if stage.lr_schedule == "cosine":
+            return warm * 0.5 * (1.0 + math.cos(math.pi * min(epoch / stage.epochs, 1.0)))
+        return warm * stage.lr_gamma ** sum(whole >= m for m in stage.milestones)
 
     return factor
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def train_stage(
@@ -126,14 +130,14 @@ def train_stage(
     extra_ids = {id(p) for p in extra}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in extra_ids]
     optimizer = torch.optim.SGD(weights, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(stage))
+    factor = lr_factor(stage)
     optimizers = [optimizer]
     if extra:
         optimizers.append(regularizer.optimizer())
     report = StageReport(stage=name, epochs=stage.epochs, steps=0, seconds=0.0, samples=0)
     if distillation is not None:
         distillation.to(accelerator.device)
-    start_epoch = _resume(checkpoint, model, optimizers, scheduler, regularizer, loader, report)
+    start_epoch = _resume(checkpoint, model, optimizers, loader, report)
     wrapped_optimizers = optimizer_needs_accelerate(accelerator)
     if wrapped_optimizers:
         optimizers = list(accelerator.prepare(*optimizers)) if len(optimizers) > 1 else [accelerator.prepare(optimizers[0])]
@@ -171,8 +175,12 @@ def train_stage(
         losses: list[torch.Tensor] = []  # no host sync per step: read once at the end of the epoch
         sizes: list[int] = []
         warmup_seconds, warmup_samples = 0.0, 0
-        for inputs, targets in train_loader:
+        lam = 0.0
+        for index, (inputs, targets) in enumerate(train_loader):
             bar.update()
+            position = epoch + index / batches  # the learning rate and λ move step by step
+            lr = stage.lr * factor(position)
+            _set_lr(optimizer, lr)
             if compiling and full_batch is not None and len(targets) != full_batch:
                 continue
             if channels_last and inputs.dim() == 4:
@@ -182,7 +190,11 @@ def train_stage(
             with accelerator.accumulate(train_model):
                 output = train_model(inputs)
                 loss = distillation(output, inputs, targets) if distillation is not None else task_loss(task, output, targets)
-                objective = loss + regularizer.weight() * regularizer.penalty() if regularizer is not None else loss
+                if regularizer is not None:
+                    lam = regularizer.weight(position)
+                    objective = loss + lam * regularizer.penalty()
+                else:
+                    objective = loss
                 if direct:
                     objective.backward()
                 else:
@@ -218,10 +230,8 @@ def train_stage(
             "lr": optimizer.param_groups[0]["lr"],
             "samples_per_second": _rate(seen, warmup_samples, time.perf_counter() - epoch_start, warmup_seconds) * accelerator.num_processes,
         }
-        scheduler.step()
         if regularizer is not None:
-            entry.update(regularizer.log())
-            regularizer.end_epoch()
+            entry.update(regularizer.log(), **{"lambda": lam})  # the λ of the epoch's last step
         report.history.append(entry)
         report.samples += seen
         accelerator.log({f"{name}/{k}": v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
@@ -231,7 +241,7 @@ def train_stage(
                   file=sys.stderr, flush=True)
         if checkpoint is not None and checkpoint.due(epoch + 1, stage.epochs):
             accelerator.wait_for_everyone()
-            checkpoint.save(epoch + 1, _stage_state(model, optimizers, scheduler, regularizer, loader, report))
+            checkpoint.save(epoch + 1, _stage_state(model, optimizers, loader, report))
     report.seconds += time.perf_counter() - start
     bar.close()
     accelerator.unwrap_model(train_model, keep_fp32_wrapper=False)
@@ -312,29 +322,18 @@ def _unwrapped(opt: Any) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)
 
 
-def _stage_state(
-    model: nn.Module, optimizers: list, scheduler: Any, regularizer: Regularizer | None, loader: Loader, report: StageReport
-) -> dict[str, Any]:
+def _stage_state(model: nn.Module, optimizers: list, loader: Loader, report: StageReport) -> dict[str, Any]:
+    """What a resumed stage needs (the learning rate and λ are functions of the epoch: nothing to keep of them)."""
     generator = getattr(loader, "generator", None)
     return {
         "model": model.state_dict(),
         "optimizers": [_unwrapped(o).state_dict() for o in optimizers],
-        "scheduler": scheduler.state_dict(),
-        "regularizer": regularizer.state_dict() if regularizer is not None else None,
         "loader_generator": generator.get_state() if generator is not None else None,
         "report": report.to_dict(),
     }
 
 
-def _resume(
-    checkpoint: StageCheckpoint | None,
-    model: nn.Module,
-    optimizers: list,
-    scheduler: Any,
-    regularizer: Regularizer | None,
-    loader: Loader,
-    report: StageReport,
-) -> int:
+def _resume(checkpoint: StageCheckpoint | None, model: nn.Module, optimizers: list, loader: Loader, report: StageReport) -> int:
     """Restore the newest complete checkpoint into the stage's objects; returns the epochs already done."""
     state = checkpoint.load() if checkpoint is not None else None
     if state is None:
@@ -348,9 +347,6 @@ def _resume(
         ) from e
     for opt, opt_state in zip(optimizers, state["optimizers"]):
         opt.load_state_dict(opt_state)
-    scheduler.load_state_dict(state["scheduler"])
-    if regularizer is not None:
-        regularizer.load_state_dict(state["regularizer"])
     if state["loader_generator"] is not None:
         loader.generator.set_state(state["loader_generator"])
     saved = state["report"]
@@ -419,6 +415,9 @@ def recalibrate_norms(model: nn.Module, loader: Loader, accelerator: Accelerator
             model(inputs)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
+        if accelerator.num_processes > 1:  # each process saw its shard: every copy gets the mean over all of them
+            m.running_mean.copy_(accelerator.reduce(m.running_mean, "mean"))
+            m.running_var.copy_(accelerator.reduce(m.running_var, "mean"))
     model.train(was_training)
 
 

@@ -250,15 +250,17 @@ def train_stacked(jobs: Sequence[StageJob]) -> list[StageReport | NonFiniteLossE
             orders = torch.stack([jobs[i].loader.epoch_order() for i in members]).to(device)
             for i in members:
                 _set_epoch(jobs[i].loader, epoch)
-            rates = [jobs[i].stage.lr * lr_factor(jobs[i].stage)(epoch) for i in members]
-            lr = torch.tensor(rates, device=device)
-            weight = torch.tensor([jobs[i].regularizer.weight() if jobs[i].regularizer is not None else 0.0 for i in members],
-                                  device=device)
+            factors = [(jobs[i].stage.lr, lr_factor(jobs[i].stage), jobs[i].regularizer) for i in members]
             params = {f"model.{n}": p for n, p in stack.params.items()}
             buffers = {f"model.{n}": b for n, b in stack.buffers.items()}
             totals = torch.zeros(len(members), device=device)
             start = time.perf_counter()
-            for offset in range(0, size, batch):
+            for index, offset in enumerate(range(0, size, batch)):
+                position = epoch + index / batches  # the learning rates and λ move step by step
+                rates = [base * factor(position) for base, factor, _ in factors]
+                lr = torch.tensor(rates, device=device)
+                lambdas = [regularizer.weight(position) if regularizer is not None else 0.0 for _, _, regularizer in factors]
+                weight = torch.tensor(lambdas, device=device)
                 inputs, targets = data.batch(members, orders[:, offset : offset + batch])
                 losses, penalties = step(params, buffers, inputs, targets)
                 total = losses + weight * penalties if first.regularizer is not None else losses
@@ -279,8 +281,7 @@ def train_stacked(jobs: Sequence[StageJob]) -> list[StageReport | NonFiniteLossE
                     continue
                 entry = {"epoch": epoch + 1, "loss": epoch_loss[row], "lr": rates[row], "samples_per_second": size / seconds}
                 if job.regularizer is not None:
-                    entry.update(job.regularizer.log())
-                    job.regularizer.end_epoch()
+                    entry.update(job.regularizer.log(), **{"lambda": lambdas[row]})  # the λ of the epoch's last step
                 report.history.append(entry)
                 report.steps, report.samples, report.seconds = report.steps + batches, report.samples + size, report.seconds + seconds
                 job.accelerator.log({f"{job.name}/{k}": v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)

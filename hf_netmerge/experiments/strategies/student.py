@@ -47,7 +47,8 @@ class Student(Strategy):
 
     def _trained(self, ctx: SeedContext, merged: MergeResult, **record: object) -> Trained:
         record = {"gate_stats": [s.to_dict() for s in merged.gate_stats],
-                  f"{self.name}_validation": {k: v.get(ctx.recipe.metric) for k, v in merged.metrics.items()}, **record}
+                  f"{self.name}_validation": {k: v.get(ctx.recipe.metric) for k, v in merged.metrics.items()},
+                  f"{self.name}_undecided_gates": merged.undecided_gates, **record}
         return Trained(merged.student.eval(), merged.stages, record, merge=merged)
 
     def train(self, ctx: SeedContext) -> Trained:

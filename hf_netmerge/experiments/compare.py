@@ -1,0 +1,215 @@
+"""Should I merge? Two given checkpoints and N more epochs on the user's own data: every alternative a checkpoint holder
+would try, at the same budget, chosen on a validation split; the winner saved in timm's layout with the whole table.
+
+The alternatives are the experiment layer's strategies with given teachers: ``keep`` (the better teacher as it is, no
+training), ``continue``, ``distill`` (the ensemble into the better teacher, T and α chosen on validation),
+``weight_matching`` (where the architecture can be matched), the merge with the config given (``student``, the
+recommended schedule by default) and with the paper's schedule (``student_paper``), and the ``ensemble`` for reference
+(two networks at inference: shown, never chosen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..adapters import resolve_spec
+from ..api import LoadOptions, check_teacher_reads, label_names_of
+from ..card import render_comparison_card
+from ..config import MergeConfig, MergeSchedule, StageConfig
+from ..data import make_loader, prepare_dataset, split
+from ..errors import ConfigError, UnsupportedModelError
+from ..hub import TeacherInfo, input_args, load_teacher, save_network
+from ..matching import check_matchable
+from ..training import evaluate, make_accelerator
+from ..validation import check_output_dir, check_teachers
+from .observers import Budgets
+from .protocol import SeedData
+from .recipe import DistillConfig, RecipeConfig
+from .run import run_seed
+from .strategies import ContinueTraining, Distill, Ensemble, Strategy, Student, WeightMatching
+
+COMPARISON_VERSION = 1
+DISTILL_GRID = ((2.0, 0.5), (4.0, 0.9))
+DESCRIPTIONS = {
+    "keep": "the better teacher on validation, as it is (no training)",
+    "continue": "the better teacher trained on for N epochs (cosine learning rate)",
+    "distill": "the teachers' ensemble distilled into the better teacher for N epochs (T, α chosen on validation)",
+    "weight_matching": "teacher B permuted onto A (weight matching), averaged, BatchNorm recomputed, N epochs",
+    "student": "the merge (concatenate, gates, compress, fine-tune) with the config given: ¼ of N on gates, ¾ fine-tuning",
+    "student_paper": "the merge with the paper's schedule (λ per epoch, no recovery levers): ½ of N on gates, ½ fine-tuning",
+    "ensemble": "the mean of the teachers' outputs (two networks at inference; for reference, never chosen)",
+}
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """One alternative: its validation and test metric, the epochs and training multiply-adds it spent beyond the
+    teachers, the networks it runs at inference, and whether it may be chosen (a single network of the architecture)."""
+
+    strategy: str
+    validation: float
+    test: float | None
+    epochs: float
+    training_macs: int
+    networks: int
+    eligible: bool
+
+    @property
+    def description(self) -> str:
+        return DESCRIPTIONS[self.strategy]
+
+
+@dataclass
+class Comparison:
+    """Every alternative's row, the winner (best validation among the single networks) and its network; ``details`` holds
+    what the strategies recorded (the merges' validation metrics stage by stage, their gate statistics, the share of
+    undecided gates, distillation's chosen setting)."""
+
+    rows: list[ComparisonRow]
+    winner: str
+    model: nn.Module
+    metric: str
+    epochs: int
+    architecture: str
+    teachers: tuple[TeacherInfo, ...]
+    dataset: str
+    config: MergeConfig
+    label_names: list[str] | None = None
+    preprocessing: Any = None
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The content of ``netmerge_compare.json``: the table, the winner, the budgets and the merge config."""
+        return {"version": COMPARISON_VERSION, "architecture": self.architecture, "dataset": self.dataset, "metric": self.metric,
+                "epochs": self.epochs, "winner": self.winner, "teachers": [t.to_dict() for t in self.teachers],
+                "rows": [{**dataclasses.asdict(r), "description": r.description} for r in self.rows],
+                "merge_config": self.config.to_dict(), "preset": self.config.preset_name(), "details": self.details}
+
+    def table(self) -> str:
+        """The comparison as a plain-text table (what ``hf-netmerge compare`` prints)."""
+        lines = [f"{'strategy':<16} {'validation':>10} {'test':>8} {'epochs':>6} {'train MACs':>11} {'nets':>4}"]
+        for r in self.rows:
+            test = f"{r.test:.4f}" if r.test is not None else "-"
+            mark = "  <- chosen" if r.strategy == self.winner else ("" if r.eligible else "  (reference)")
+            lines.append(f"{r.strategy:<16} {r.validation:>10.4f} {test:>8} {r.epochs:>6g} {r.training_macs:>11.3g} {r.networks:>4}{mark}")
+        return "\n".join(lines)
+
+    def save_pretrained(self, directory: str | os.PathLike[str], overwrite: bool = False) -> Path:
+        """The winner in timm's layout with ``netmerge_compare.json`` and a model card that shows the whole table."""
+        record = self.record()
+        return save_network(self.model, directory, extra_files={"netmerge_compare.json": json.dumps(record, indent=2, sort_keys=True),
+                                                                "README.md": render_comparison_card(record)},
+                            label_names=self.label_names, preprocessing=self.preprocessing, overwrite=overwrite)
+
+
+def _strategies(config: MergeConfig, epochs: int, matchable: bool) -> list[Strategy]:
+    """The alternatives at ``epochs`` each. The recommended merge spends a quarter of them on gates and the rest on
+    fine-tuning (the split that won on validation in ``benchmarks/merge_levers.py``); the paper's splits them in half."""
+    gate = max(1, epochs // 4)
+    paper_gate = max(1, epochs // 2)
+    extra = StageConfig(epochs=epochs, lr=config.finetune_lr or config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                        lr_schedule="cosine", max_grad_norm=config.max_grad_norm)
+    schedule = dataclasses.replace(MergeSchedule.from_dict({k: v for k, v in config.to_dict().items()
+                                                            if k not in MergeConfig.run_fields()}),
+                                   gate_epochs=gate, finetune_epochs=epochs - gate, finetune_milestones=[])
+    paper = MergeSchedule.paper(**{k: getattr(schedule, k) for k in ("lr", "momentum", "weight_decay", "gate_lr", "finetune_lr", "max_grad_norm")},
+                                gate_epochs=paper_gate, finetune_epochs=epochs - paper_gate,
+                                finetune_milestones=[max(1, round(0.75 * (epochs - paper_gate)))] if epochs - paper_gate > 1 else [])
+    chosen: list[Strategy] = [ContinueTraining(extra, teacher_epochs=0), Distill(extra, DISTILL_GRID, "teacher", teacher_epochs=0)]
+    if matchable:
+        chosen.append(WeightMatching(extra, teacher_epochs=0))
+    return [*chosen, Student(teacher=None, schedule=schedule), Student(teacher=None, schedule=paper, name="student_paper"),
+            Ensemble(teacher_epochs=0)]
+
+
+def compare_models(
+    teacher_a: nn.Module | str | os.PathLike[str],
+    teacher_b: nn.Module | str | os.PathLike[str],
+    train_data: Any,
+    test_data: Any | None = None,
+    *,
+    epochs: int,
+    config: MergeConfig | None = None,
+    val_fraction: float = 0.1,
+    load: LoadOptions | None = None,
+    dataset_name: str | None = None,
+    output: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Comparison:
+    """Every alternative to merging two given teachers at ``epochs`` more epochs each, on ``train_data`` less a
+    ``val_fraction`` validation split (every choice is made there), scored on ``test_data`` when given.
+
+    ``config`` sets the merge (its schedule; the stage lengths become ``epochs``, a quarter for gates and the rest for
+    fine-tuning) and what every alternative shares (batch size, precision, augmentation, data columns); the
+    alternatives train at its learning rate (``finetune_lr`` when set) with a cosine schedule. With ``output`` the
+    winner is saved there (see :meth:`Comparison.save_pretrained`); ``dataset_name`` names the data in the table and
+    the card (default: a ``datasets.Dataset``'s own name). Bad inputs are refused before any training.
+    """
+    config = config or MergeConfig()
+    load = load or LoadOptions()
+    if epochs < 2:
+        raise ConfigError(f"compare needs epochs >= 2 (the merge spends at least one gate and one fine-tune epoch), got {epochs}")
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if output is not None:
+        check_output_dir(output, overwrite)
+    (a, info_a), (b, info_b) = (load_teacher(t, load.architecture, load.model_args, load.allow_pickle) for t in (teacher_a, teacher_b))
+    check_teachers(a, b)
+    spec = resolve_spec(a)
+    try:
+        check_matchable(spec)
+        matchable = True
+    except UnsupportedModelError:
+        matchable = False
+    prepare = dict(model=a, task=config.task, num_classes=int(getattr(a, "num_classes", 0)), image_column=config.image_column,
+                   label_column=config.label_column, image_size=config.image_size)
+    prepared = prepare_dataset(train_data, min_size=2 * config.batch_size, label="train_data", **prepare)
+    train, val = split(prepared, val_fraction, seed=0)
+    test = prepare_dataset(test_data, min_size=1, label="test_data", **prepare) if test_data is not None else None
+    check_teacher_reads(a, train, config.task)
+    recipe = RecipeConfig(name="compare", architecture=spec.architecture, model_args={"num_classes": prepare["num_classes"], **input_args(a)},
+                          task=config.task, seeds=[config.seed], batch_size=config.batch_size, mixed_precision=config.mixed_precision,
+                          gradient_accumulation_steps=config.gradient_accumulation_steps, compile=config.compile,
+                          channels_last=config.channels_last, augment=config.augment, distill=DistillConfig(grid=[list(p) for p in DISTILL_GRID]),
+                          baselines=[])
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, image_column=config.image_column,
+                                                                  label_column=config.label_column, image_size=config.image_size,
+                                                                  num_workers=config.num_workers))
+    accelerator = make_accelerator(config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
+    name = dataset_name or getattr(getattr(train_data, "info", None), "dataset_name", None) or "custom"
+    data = SeedData(train, val, test if test is not None else val, name)
+    result = run_seed(recipe, config.seed, strategies=_strategies(config, epochs, matchable), data=data, accelerator=accelerator,
+                      observers=[Budgets()], given_teachers=[a, b], progress=progress)
+    val_loader = make_loader(val, config.batch_size, shuffle=False)
+    sign = -1 if config.task == "regression" else 1  # the higher the better after the sign
+    teacher_scores = [_score(t, val_loader, config.task, accelerator) for t in (a, b)]
+    better = max((0, 1), key=lambda i: sign * teacher_scores[i])
+    rows = [ComparisonRow("keep", teacher_scores[better], result.row[("teacher_a", "teacher_b")[better]] if test is not None else None,
+                          0, 0, 1, True)]
+    models = {"keep": (a, b)[better]}
+    for name, trained in result.trained.items():
+        models[name] = trained.model
+        rows.append(ComparisonRow(name, _score(trained.model, val_loader, config.task, accelerator),
+                                  result.row[name] if test is not None else None, result.row["epochs"][name], result.row["macs"][name],
+                                  2 if name == "ensemble" else 1, name != "ensemble"))
+    winner = max((r for r in rows if r.eligible), key=lambda r: sign * r.validation).strategy
+    comparison = Comparison(rows, winner, models[winner], recipe.metric, epochs, spec.architecture, (info_a, info_b), data.name, config,
+                            label_names_of(train_data, config.label_column), getattr(prepared, "preprocessing", None),
+                            {k: v for k, v in result.row.items() if k not in {r.strategy for r in rows} | {"epochs", "macs"}})
+    if output is not None and accelerator.is_main_process:
+        comparison.save_pretrained(output, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+    return comparison
+
+
+def _score(model: nn.Module, loader: Any, task: str, accelerator: Any) -> float:
+    metrics = evaluate(model, loader, task=task, accelerator=accelerator)
+    return metrics["mse"] if task == "regression" else metrics["accuracy"]
