@@ -350,7 +350,8 @@ def merge_models(
     undecided = gated.undecided_fraction()
     if undecided > UNDECIDED_WARNING:
         logger.warning("%.1f%% of the gates are undecided (P[g>0] in (0.1, 0.9)) at the end of the gate stage (λ %.3g): "
-                       "compression removes channels the gates still use; raise lambda_final or gate_epochs",
+                       "compression removes channels the gates still use; give the gates more steps (gate_epochs), a larger "
+                       "gate_lr or lambda_final",
                        100 * undecided, final_lambda)
     metrics["gated_big_student"] = measure(gated)
     student = compress(gated)

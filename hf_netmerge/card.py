@@ -62,7 +62,7 @@ def _schedule(record: dict[str, Any]) -> str:
     """The gate stage's λ and the recovery levers that ran, in words, with the preset's name."""
     cfg = record["merge_config"]
     if cfg["lambda_schedule"] == "per_epoch":
-        lam = f"λ from {cfg['lambda_init']} growing by {cfg['lambda_growth']}·√λ per epoch"
+        lam = f"λ from {cfg['lambda_init']} growing by {_fmt(cfg['lambda_growth'])}·√λ per epoch"
     else:
         lam = f"λ moved step by step ({cfg['lambda_schedule']}) from {cfg['lambda_init']} to {cfg['lambda_final']}"
     gate_kd = (f"; the gate stage also distilled the teachers' ensemble (α {cfg['gate_distill_alpha']}, T {cfg['distill_temperature']})"

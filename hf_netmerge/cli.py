@@ -13,6 +13,9 @@ from .overrides import apply_overrides
 from .spec import ChannelGroup, MergeSpec
 
 if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from .data.named import NamedData
     from .experiments import RecipeConfig
 
 
@@ -57,25 +60,34 @@ def _speed_flags(args: argparse.Namespace) -> dict[str, str | bool]:
     return values
 
 
-def _merge(args: argparse.Namespace) -> int:
+def _inputs(args: argparse.Namespace) -> tuple[NamedData, MergeConfig, Dataset]:
+    """What ``merge`` and ``compare`` read, checked before anything trains: a free output directory, the thread count,
+    the dataset, the config (its task from the data) and the first ``--max-train-samples`` training examples."""
     import torch
-    from accelerate.state import PartialState
 
-    from .api import LoadOptions, OutputOptions, RunOptions, merge_models
     from .data import first_examples, load_data
-    from .data.named import hub_dataset_id
-    from .hub import push_folder
-    from .training import make_accelerator, on_main_process
     from .validation import check_output_dir
 
-    if len(args.teachers) < 2:
-        raise ConfigError(f"merge needs at least two teachers, got {len(args.teachers)}")
-    check_output_dir(args.output_dir, args.overwrite)
+    if args.output_dir:
+        check_output_dir(args.output_dir, args.overwrite)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     data = load_data(args.dataset)
     config = _merge_config(args, data.task)
-    train = data.train if args.max_train_samples is None else first_examples(data.train, args.max_train_samples)
+    return data, config, data.train if args.max_train_samples is None else first_examples(data.train, args.max_train_samples)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from accelerate.state import PartialState
+
+    from .api import LoadOptions, OutputOptions, RunOptions, merge_models
+    from .data.named import hub_dataset_id
+    from .hub import push_folder
+    from .training import make_accelerator, on_main_process
+
+    if len(args.teachers) < 2:
+        raise ConfigError(f"merge needs at least two teachers, got {len(args.teachers)}")
+    data, config, train = _inputs(args)
     accelerator = None
     if args.log_with:  # beside the output directory, which the final save replaces as a whole
         accelerator = make_accelerator(config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -108,20 +120,10 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    import torch
-
     from .api import LoadOptions
-    from .data import first_examples, load_data
     from .experiments.compare import compare_models
-    from .validation import check_output_dir
 
-    if args.output_dir:
-        check_output_dir(args.output_dir, args.overwrite)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    data = load_data(args.dataset)
-    config = _merge_config(args, data.task)
-    train = data.train if args.max_train_samples is None else first_examples(data.train, args.max_train_samples)
+    data, config, train = _inputs(args)
     comparison = compare_models(args.teachers[0], args.teachers[1], train, data.eval, epochs=args.epochs, config=config,
                                 val_fraction=args.val_fraction, load=LoadOptions(architecture=args.architecture, allow_pickle=args.allow_pickle),
                                 dataset_name=data.name, output=args.output_dir, overwrite=args.overwrite, progress=not args.no_progress)

@@ -31,7 +31,7 @@ from ..training import evaluate, make_accelerator
 from ..validation import check_output_dir, check_teachers
 from .observers import Budgets
 from .protocol import SeedData
-from .recipe import DistillConfig, RecipeConfig
+from .recipe import RecipeConfig
 from .run import run_seed
 from .strategies import ContinueTraining, Distill, Ensemble, Strategy, Student, WeightMatching
 
@@ -178,14 +178,13 @@ def compare_models(
     recipe = RecipeConfig(name="compare", architecture=spec.architecture, model_args={"num_classes": prepare["num_classes"], **input_args(a)},
                           task=config.task, seeds=[config.seed], batch_size=config.batch_size, mixed_precision=config.mixed_precision,
                           gradient_accumulation_steps=config.gradient_accumulation_steps, compile=config.compile,
-                          channels_last=config.channels_last, augment=config.augment, distill=DistillConfig(grid=[list(p) for p in DISTILL_GRID]),
-                          baselines=[])
+                          channels_last=config.channels_last, augment=config.augment, baselines=[])
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, image_column=config.image_column,
                                                                   label_column=config.label_column, image_size=config.image_size,
                                                                   num_workers=config.num_workers))
     accelerator = make_accelerator(config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
-    name = dataset_name or getattr(getattr(train_data, "info", None), "dataset_name", None) or "custom"
-    data = SeedData(train, val, test if test is not None else val, name)
+    dataset = dataset_name or getattr(getattr(train_data, "info", None), "dataset_name", None) or "custom"
+    data = SeedData(train, val, test if test is not None else val, dataset)
     result = run_seed(recipe, config.seed, strategies=_strategies(config, epochs, matchable), data=data, accelerator=accelerator,
                       observers=[Budgets()], given_teachers=[a, b], progress=progress)
     val_loader = make_loader(val, config.batch_size, shuffle=False)
