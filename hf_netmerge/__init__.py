@@ -15,10 +15,10 @@ from .experiments.compare import Comparison, compare_models
 
 __all__ = [
     *_error_names,
+    "Comparison",
     "Gate",
     "GatedModel",
     "HardConcreteGate",
-    "Comparison",
     "LoadOptions",
     "MergeConfig",
     "MergeResult",
