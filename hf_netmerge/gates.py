@@ -11,6 +11,7 @@ adds no activation memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -492,10 +493,7 @@ class LambdaSchedule:
     def at(self, epoch: float) -> float:
         """λ after ``epoch`` epochs of the stage (a fraction counts the steps done in the current epoch)."""
         if self.shape == "per_epoch":
-            value = self.initial
-            for _ in range(int(epoch)):
-                value += self.growth * math.sqrt(value)
-            return value
+            return _grown(self.initial, self.growth, int(epoch))
         t = min(max(epoch / self.epochs, 0.0), 1.0)
         if self.shape == "quadratic":
             return (math.sqrt(self.initial) + (math.sqrt(self.final) - math.sqrt(self.initial)) * t) ** 2
@@ -505,6 +503,15 @@ class LambdaSchedule:
 
 
 LAMBDA_SHAPES = get_args(LambdaShape)
+
+
+@functools.lru_cache(maxsize=1024)
+def _grown(initial: float, growth: float, epochs: int) -> float:
+    """λ after ``epochs`` growth steps λ ← λ + growth·√λ (cached: asked every optimizer step, computed once per epoch)."""
+    value = initial
+    for _ in range(epochs):
+        value += growth * math.sqrt(value)
+    return value
 
 
 class GateRegularizer:

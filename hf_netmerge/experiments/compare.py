@@ -23,12 +23,13 @@ from ..adapters import resolve_spec
 from ..api import LoadOptions, check_teacher_reads, label_names_of
 from ..card import render_comparison_card
 from ..config import MergeConfig, MergeSchedule, StageConfig
-from ..data import make_loader, prepare_dataset, split
+from ..data import prepare_dataset, split
 from ..errors import ConfigError, UnsupportedModelError
 from ..hub import TeacherInfo, input_args, load_teacher, save_network
 from ..matching import check_matchable
-from ..training import evaluate, make_accelerator
+from ..training import make_accelerator
 from ..validation import check_output_dir, check_teachers
+from .context import SeedContext, lower_is_better
 from .observers import Budgets
 from .protocol import SeedData
 from .recipe import RecipeConfig
@@ -187,19 +188,16 @@ def compare_models(
     data = SeedData(train, val, test if test is not None else val, dataset)
     result = run_seed(recipe, config.seed, strategies=_strategies(config, epochs, matchable), data=data, accelerator=accelerator,
                       observers=[Budgets()], given_teachers=[a, b], progress=progress)
-    val_loader = make_loader(val, config.batch_size, shuffle=False)
-    sign = -1 if config.task == "regression" else 1  # the higher the better after the sign
-    teacher_scores = [_score(t, val_loader, config.task, accelerator) for t in (a, b)]
-    better = max((0, 1), key=lambda i: sign * teacher_scores[i])
+    ctx = SeedContext(recipe, config.seed, data, accelerator)  # the validation split and the choice the strategies use
+    better, teacher_scores = ctx.pick([a, b])
     rows = [ComparisonRow("keep", teacher_scores[better], result.row[("teacher_a", "teacher_b")[better]] if test is not None else None,
                           0, 0, 1, True)]
     models = {"keep": (a, b)[better]}
     for name, trained in result.trained.items():
         models[name] = trained.model
-        rows.append(ComparisonRow(name, _score(trained.model, val_loader, config.task, accelerator),
-                                  result.row[name] if test is not None else None, result.row["epochs"][name], result.row["macs"][name],
-                                  2 if name == "ensemble" else 1, name != "ensemble"))
-    winner = max((r for r in rows if r.eligible), key=lambda r: sign * r.validation).strategy
+        rows.append(ComparisonRow(name, ctx.validate(trained.model)[recipe.metric], result.row[name] if test is not None else None,
+                                  result.row["epochs"][name], result.row["macs"][name], 2 if name == "ensemble" else 1, name != "ensemble"))
+    winner = min((r for r in rows if r.eligible), key=lambda r: lower_is_better(config.task, {recipe.metric: r.validation})).strategy
     comparison = Comparison(rows, winner, models[winner], recipe.metric, epochs, spec.architecture, (info_a, info_b), data.name, config,
                             label_names_of(train_data, config.label_column), getattr(prepared, "preprocessing", None),
                             {k: v for k, v in result.row.items() if k not in {r.strategy for r in rows} | {"epochs", "macs"}})
@@ -208,7 +206,3 @@ def compare_models(
     accelerator.wait_for_everyone()
     return comparison
 
-
-def _score(model: nn.Module, loader: Any, task: str, accelerator: Any) -> float:
-    metrics = evaluate(model, loader, task=task, accelerator=accelerator)
-    return metrics["mse"] if task == "regression" else metrics["accuracy"]

@@ -251,16 +251,19 @@ def train_stacked(jobs: Sequence[StageJob]) -> list[StageReport | NonFiniteLossE
             for i in members:
                 _set_epoch(jobs[i].loader, epoch)
             factors = [(jobs[i].stage.lr, lr_factor(jobs[i].stage), jobs[i].regularizer) for i in members]
+            rates: list[float] = []
+            lambdas: list[float] = []
             params = {f"model.{n}": p for n, p in stack.params.items()}
             buffers = {f"model.{n}": b for n, b in stack.buffers.items()}
             totals = torch.zeros(len(members), device=device)
             start = time.perf_counter()
             for index, offset in enumerate(range(0, size, batch)):
                 position = epoch + index / batches  # the learning rates and λ move step by step
-                rates = [base * factor(position) for base, factor, _ in factors]
-                lr = torch.tensor(rates, device=device)
-                lambdas = [regularizer.weight(position) if regularizer is not None else 0.0 for _, _, regularizer in factors]
-                weight = torch.tensor(lambdas, device=device)
+                values = ([base * factor(position) for base, factor, _ in factors],
+                          [regularizer.weight(position) if regularizer is not None else 0.0 for _, _, regularizer in factors])
+                if values != (rates, lambdas):  # new tensors only when a rate or λ moved (each epoch, for step schedules)
+                    rates, lambdas = values
+                    lr, weight = torch.tensor(rates, device=device), torch.tensor(lambdas, device=device)
                 inputs, targets = data.batch(members, orders[:, offset : offset + batch])
                 losses, penalties = step(params, buffers, inputs, targets)
                 total = losses + weight * penalties if first.regularizer is not None else losses
