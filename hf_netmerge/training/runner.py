@@ -180,7 +180,8 @@ def train_stage(
             bar.update()
             position = epoch + index / batches  # the learning rate and λ move step by step
             lr = stage.lr * factor(position)
-            _set_lr(optimizer, lr)
+            if lr != optimizer.param_groups[0]["lr"]:  # a step schedule moves it once an epoch, the cosine every step
+                _set_lr(optimizer, lr)
             if compiling and full_batch is not None and len(targets) != full_batch:
                 continue
             if channels_last and inputs.dim() == 4:
