@@ -24,7 +24,18 @@ from ._version import __version__
 from .adapters import resolve_spec
 from .card import render_card
 from .config import MergeConfig
-from .data import Preprocessing, make_loader, prepare_dataset, subset, training_view
+from .data import (
+    Loader,
+    Preprocessing,
+    TensorLoader,
+    applied_augmentation,
+    first_examples,
+    make_loader,
+    prepare_dataset,
+    subset,
+    training_view,
+    warn_unused_classes,
+)
 from .errors import DataModelMismatchError, UnsupportedModelError
 from .gates import GatedModel, GateRegularizer, GroupStats, LambdaSchedule, add_gates, gates_removed
 from .hub import TeacherInfo, load_teacher, push_folder, save_student
@@ -36,19 +47,20 @@ from .training import (
     StageJob,
     StageReport,
     Trainer,
-    evaluate,
     make_accelerator,
     on_main_process,
-    predict,
+    predict_with_targets,
     recalibrate_norms,
+    score,
     task_loss,
     train_sequentially,
 )
-from .training.checkpoint import CheckpointDir
+from .training.checkpoint import CheckpointDir, weights_digest
 from .validation import check_output_dir, check_teachers, teacher_key
 
-RECORD_VERSION = 6  # 2: the record names its datasets (the card is rendered from it); 3: and the preprocessing; 4: its license;
-# 5: any number of teachers (gate_stats' kept_per_teacher), gate units and exact_compression; 6: the preset, undecided gates
+RECORD_VERSION = 7  # 2: the record names its datasets (the card is rendered from it); 3: and the preprocessing; 4: its license;
+# 5: any number of teachers (gate_stats' kept_per_teacher), gate units and exact_compression; 6: the preset, undecided gates;
+# 7: the number of evaluation examples behind the metrics and the augmentation that ran
 UNDECIDED_WARNING = 0.05  # above this share of undecided gates at the end of the gate stage, the log warns
 logger = logging.getLogger("hf_netmerge")
 
@@ -137,6 +149,8 @@ class MergeResult:
     final_lambda: float
     undecided_gates: float = 0.0
     function_gap: dict[str, float] = field(default_factory=dict)
+    eval_examples: int = 0
+    augmentation: dict[str, Any] = field(default_factory=dict)
     dataset_names: list[str] = field(default_factory=list)
     license: str | None = None
     label_names: list[str] | None = None
@@ -167,6 +181,8 @@ class MergeResult:
             "final_lambda": self.final_lambda,
             "undecided_gates": self.undecided_gates,
             "metrics": self.metrics,
+            "eval_examples": self.eval_examples,
+            "augmentation": self.augmentation,
             "function_gap": self.function_gap,
             "stages": [{k: v for k, v in r.to_dict().items() if k != "history"} for r in self.stages],
             "environment": {
@@ -258,10 +274,39 @@ def label_names_of(data: Any, label_column: str) -> list[str] | None:
     return list(feature.names) if getattr(feature, "names", None) else None
 
 
-@torch.no_grad()
-def _function_gap(gated: GatedModel, student: nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
-    diff = predict(gated, loader, accelerator) - predict(student, loader, accelerator)
-    return {"max_abs": float(diff.abs().max()), "mean_abs": float(diff.abs().mean())}
+class _Evaluations:
+    """Every network of a merge scored on the eval set with one pass each: the outputs are kept by name, so the
+    ensemble is scored from its teachers' outputs and the compression gap from the gated and compressed students'."""
+
+    def __init__(self, loader: Loader | None, batch_size: int, task: str, accelerator: Accelerator, progress: bool) -> None:
+        self.loader, self.batch_size, self.task, self.accelerator, self.progress = loader, batch_size, task, accelerator, progress
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.targets: torch.Tensor | None = None
+
+    def measure(self, name: str, model: nn.Module, keep: bool = False) -> dict[str, float]:
+        """``model``'s metrics (empty without eval data); with ``keep``, its outputs are kept under ``name`` for one
+        later :meth:`mean_of` or :meth:`gap`."""
+        if self.loader is None:
+            return {}
+        outputs, self.targets = predict_with_targets(model, self.loader, self.accelerator, progress=name if self.progress else None)
+        if keep:
+            self.outputs[name] = outputs
+        return self.score(outputs)
+
+    def mean_of(self, names: list[str]) -> dict[str, float]:
+        """The metrics of the mean of ``names``' kept outputs (a mean ensemble of them), with no further pass."""
+        return self.score(torch.stack([self.outputs.pop(n) for n in names]).mean(0)) if self.loader is not None else {}
+
+    def gap(self, a: str, b: str) -> dict[str, float]:
+        """Largest and mean absolute difference between the kept outputs of ``a`` and ``b``."""
+        if self.loader is None:
+            return {}
+        diff = (self.outputs.pop(a) - self.outputs.pop(b)).abs()
+        return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
+
+    def score(self, outputs: torch.Tensor) -> dict[str, float]:
+        assert self.targets is not None
+        return score(self.task, outputs, self.targets, self.batch_size)
 
 
 def _recalibration_loader(train_set: Dataset, config: MergeConfig) -> DataLoader:
@@ -319,29 +364,35 @@ def merge_models(
         image_size=config.image_size,
     )
     train_set = prepare(train_data, min_size=config.batch_size, label="train_data")
+    if eval_data is not None and config.eval_max_samples is not None:
+        eval_data = first_examples(eval_data.dataset if isinstance(eval_data, (DataLoader, TensorLoader)) else eval_data,
+                                   config.eval_max_samples)
     eval_set = prepare(eval_data, min_size=1, label="eval_data") if eval_data is not None else None
     preprocessing = getattr(train_set, "preprocessing", None)
     check_teacher_reads(a, train_set, config.task)
+    if config.task == "classification":
+        warn_unused_classes(train_set, num_classes)
     plain_train = train_set
+    augmentation = applied_augmentation(train_set, config.augment)
     train_set = training_view(train_set, config.augment, config.seed)
 
     accelerator = run.accelerator or make_accelerator(config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
+    checkpoints = CheckpointDir(run.checkpoint_dir, run.checkpoint_every, writer=accelerator.is_main_process)
+    checkpoints.claim({"config": config.to_dict(), "teachers": [weights_digest(t) for t in teachers], "train_examples": len(train_set)})
     set_seed(config.seed)
     train_loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers)
-    eval_loader = make_loader(eval_set, config.batch_size, shuffle=False) if eval_set is not None else None
-
-    def measure(model: nn.Module) -> dict[str, float]:
-        return evaluate(model, eval_loader, task=config.task, accelerator=accelerator) if eval_loader else {}
+    eval_batch = config.eval_batch_size or 4 * config.batch_size
+    evals = _Evaluations(make_loader(eval_set, eval_batch, shuffle=False) if eval_set is not None else None, eval_batch,
+                         config.task, accelerator, run.progress)
 
     def ensemble_targets(alpha: float) -> DistillationLoss | None:
         return DistillationLoss(MeanEnsemble(*teachers), config.task, config.distill_temperature, alpha) if alpha > 0 else None
 
-    metrics = {teacher_key(i): measure(t) for i, t in enumerate(teachers)}
-    metrics["ensemble"] = measure(MeanEnsemble(*teachers))
-    metrics["big_student"] = measure(big)
+    metrics = {teacher_key(i): evals.measure(teacher_key(i), t, keep=True) for i, t in enumerate(teachers)}
+    metrics["ensemble"] = evals.mean_of([teacher_key(i) for i in range(len(teachers))])
+    metrics["big_student"] = evals.measure("big_student", big)
     gated = add_gates(big, config.gate_init_mean, config.gate_init_std, noise_seed=config.seed)
     regularizer = GateRegularizer(gated, LambdaSchedule.from_config(config), config.gate_lr)
-    checkpoints = CheckpointDir(run.checkpoint_dir, run.checkpoint_every, writer=accelerator.is_main_process)
     job = functools.partial(StageJob, loader=train_loader, task=config.task, accelerator=accelerator, compile_mode=config.compile,
                             channels_last=config.channels_last, progress=run.progress)
     stages = run.trainer([job(gated, stage=config.gate_stage(), name=f"{run.stage_prefix}gates", regularizer=regularizer,
@@ -353,21 +404,21 @@ def merge_models(
                        "compression removes channels the gates still use; give the gates more steps (gate_epochs), a larger "
                        "gate_lr or lambda_final",
                        100 * undecided, final_lambda)
-    metrics["gated_big_student"] = measure(gated)
+    metrics["gated_big_student"] = evals.measure("gated_big_student", gated, keep=True)
     student = compress(gated)
     copy.deepcopy(a).load_state_dict(student.state_dict(), strict=True)
-    metrics["student_before_finetune"] = measure(student)
-    gap = _function_gap(gated, student, eval_loader, accelerator) if eval_loader else {}
+    metrics["student_before_finetune"] = evals.measure("student_before_finetune", student, keep=True)
+    gap = evals.gap("gated_big_student", "student_before_finetune")
     gate_stats = gated.statistics()
     del gated, big
     if config.recalibrate_norms:
         recalibrate_norms(student, _recalibration_loader(plain_train, config), accelerator)
-        metrics["student_recalibrated"] = measure(student)
+        metrics["student_recalibrated"] = evals.measure("student_recalibrated", student)
     if config.finetune_epochs > 0:
         stages += run.trainer([job(student, stage=config.finetune_stage(), name=f"{run.stage_prefix}finetune",
                                    distillation=ensemble_targets(config.distill_alpha), checkpoint=checkpoints("finetune"))])
     student.eval()
-    metrics["student"] = measure(student)
+    metrics["student"] = evals.measure("student", student)
     result = MergeResult(
         student=student,
         gate_stats=gate_stats,
@@ -379,6 +430,8 @@ def merge_models(
         final_lambda=final_lambda,
         undecided_gates=undecided,
         function_gap=gap,
+        eval_examples=len(eval_set) if eval_set is not None else 0,
+        augmentation=augmentation,
         dataset_names=output.datasets if output is not None and output.datasets else _dataset_name(train_data),
         license=output.license if output is not None and output.license else _shared_license(infos),
         label_names=label_names_of(train_data, config.label_column),

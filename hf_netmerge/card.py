@@ -149,6 +149,8 @@ def render_card(record: dict[str, Any]) -> str:
                if t["source"] == "hf-hub" or t.get("hub_origin")]
     results = eval_results(record)
     architecture, cfg, metrics = record["architecture"], record["merge_config"], record["metrics"]
+    measured = (f"On {record['eval_examples']} evaluation examples.\n\n{_metrics_table(metrics)}" if metrics
+                else "No evaluation data was given.")
     data = ModelCardData(
         license=record.get("license"),
         library_name="timm",
@@ -168,9 +170,9 @@ def render_card(record: dict[str, Any]) -> str:
     inputs = (f"Inputs: {'×'.join(map(str, prep['input_size']))}, mean {prep['mean']}, std {prep['std']}, {prep['interpolation']} "
               f"resize, crop {prep['crop_pct']} (in `config.json`'s `pretrained_cfg`)." if prep is not None else
               "Inputs: as given to the merge (no image preprocessing was recorded).")
-    augment = cfg["augment"]
-    augmentation = ("Training stages read augmented inputs: " + ", ".join(f"{k} {v}" for k, v in augment.items() if k != "version")
-                    + "; evaluation the eval transform." if augment["mode"] != "none" else "No train-time augmentation.")
+    ran = record["augmentation"]
+    augmentation = ("Training stages read augmented inputs: " + ", ".join(f"{k} {v}" for k, v in ran.items())
+                    + "; evaluation the eval transform." if ran else "No train-time augmentation.")
     k = len(record["teachers"])
     count, wide, share = ("two", "double-width", "half") if k == 2 else (str(k), f"{k}-wide", f"1/{k}")
     teacher_lines = "\n".join(_teacher_line(teacher_label(i).split()[-1], t) for i, t in enumerate(record["teachers"]))
@@ -203,7 +205,7 @@ Function gap between the gated big student (eval) and the compressed student bef
 
 ## Metrics
 
-{_metrics_table(metrics) if metrics else "No evaluation data was given."}
+{measured}
 
 {_usage(architecture, prep)}
 ## Merge config

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import MergeConfig
-from .errors import ConfigError, NetMergeError
+from ._version import __version__
+from .errors import ConfigError, NetMergeError, StageInterrupted
 from .overrides import apply_overrides
 from .spec import ChannelGroup, MergeSpec
 
@@ -17,6 +18,44 @@ if TYPE_CHECKING:
 
     from .data.named import NamedData
     from .experiments import RecipeConfig
+
+
+DATASET_HELP = ("built in: sine, fashion_mnist, mnist (no download); or a save_to_disk directory, an image folder, or a Hub "
+                "dataset id or alias (cifar10, cifar100, imagewoof, imagenet)")
+
+
+class _ListKeys(argparse.Action):
+    """``--list-keys``: every ``--set`` key of MergeConfig with its default, then exit (no other argument needed)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="list every --set KEY with its default and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        rows = _dotted(MergeConfig().to_dict())
+        width = max(len(k) for k in rows)
+        print("\n".join(f"{k:<{width}}  {v!r}" for k, v in rows.items() if k.rsplit(".", 1)[-1] != "version"))
+        parser.exit()
+
+
+class _ListRecipes(argparse.Action):
+    """``run --list``: the packaged recipes' names, then exit."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="list the packaged recipes and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from .experiments.recipe import available_recipes
+
+        print("\n".join(available_recipes()))
+        parser.exit()
+
+
+def _dotted(values: dict, prefix: str = "") -> dict[str, object]:
+    """``{"augment": {"mode": "auto"}}`` → ``{"augment.mode": "auto"}``: the keys ``--set`` takes."""
+    flat: dict[str, object] = {}
+    for key, value in values.items():
+        flat.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -38,7 +77,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _merge_config(args: argparse.Namespace, task: str) -> MergeConfig:
     """Defaults, then the data's task, then ``--config``, then the flags (``--augment``, ``--num-workers``,
-    ``--compile``, ``--channels-last``), then ``--set key=value``."""
+    ``--max-eval-samples``, ``--compile``, ``--channels-last``), then ``--set key=value``."""
     values: dict = {"task": task}
     if args.config:
         values.update(MergeConfig.from_yaml(args.config).to_dict())
@@ -46,6 +85,8 @@ def _merge_config(args: argparse.Namespace, task: str) -> MergeConfig:
         values["augment"] = {**values.get("augment", {}), "mode": args.augment}
     if args.num_workers is not None:
         values["num_workers"] = args.num_workers
+    if getattr(args, "max_eval_samples", None) is not None:
+        values["eval_max_samples"] = args.max_eval_samples
     values.update(_speed_flags(args))
     return MergeConfig.from_dict(apply_overrides(values, args.set))
 
@@ -103,7 +144,7 @@ def _merge(args: argparse.Namespace) -> int:
         load=LoadOptions(architecture=args.architecture, allow_pickle=args.allow_pickle),
         output=OutputOptions(args.output_dir, overwrite=args.overwrite, license=args.license,
                              datasets=[hub_id] if (hub_id := hub_dataset_id(args.dataset)) else None),
-        run=RunOptions(accelerator=accelerator, progress=not args.no_progress),
+        run=RunOptions(accelerator=accelerator, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir),
     )
     if accelerator is not None:
         accelerator.end_training()
@@ -209,6 +250,7 @@ def _add_speed_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-netmerge`` argument parser."""
     parser = argparse.ArgumentParser(prog="hf-netmerge", description="Merge two networks of one architecture into one.")
+    parser.add_argument("--version", action="version", version=f"hf-netmerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = __import__("hf_netmerge.experiments.demo", fromlist=["DemoConfig"]).DemoConfig()
     demo = sub.add_parser("demo", help="the paper's sine problem end to end: teachers, merge, fine-tune, bo3 and one-model baselines")
@@ -230,13 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge two (or more) existing checkpoints and save (and optionally publish) the student")
     merge.add_argument("teachers", nargs="+", metavar="TEACHER",
                        help="two or more local timm directories, Hub ids (id@revision) or .safetensors files")
-    merge.add_argument("--dataset", required=True, help="sine, a save_to_disk directory, an image folder or a Hub dataset id")
+    merge.add_argument("--dataset", required=True, help=DATASET_HELP)
     merge.add_argument("--output-dir", required=True, help="where the student is saved (timm layout + model card)")
     merge.add_argument("--config", help="a MergeConfig YAML file")
-    merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one MergeConfig field")
+    merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one MergeConfig field (see --list-keys)")
+    merge.add_argument("--list-keys", action=_ListKeys)
     merge.add_argument("--augment", choices=["auto", "none"], help="train-time augmentation (default auto; knobs: --set augment.hflip=0)")
     merge.add_argument("--num-workers", type=int, help="DataLoader worker processes that decode images (default 0)")
     merge.add_argument("--max-train-samples", type=_positive, help="train on the first N training examples only")
+    merge.add_argument("--max-eval-samples", type=_positive, help="evaluate on the first N evaluation examples only")
     merge.add_argument("--log-with", nargs="+", choices=["tensorboard"],
                        help="trackers for every stage's loss, learning rate, throughput, λ and P[g>0] (under OUTPUT_DIR.logs)")
     _add_speed_flags(merge)
@@ -245,18 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the student to this Hub repo in one commit")
     merge.add_argument("--private", action="store_true", help="create the Hub repo as private")
     merge.add_argument("--license", help="the student card's license (default: the one both teachers' cards declare)")
+    merge.add_argument("--checkpoint-dir", help="stage checkpoints every epoch; rerunning the same command resumes from them")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     merge.add_argument("--no-progress", action="store_true", help="no progress bars")
     merge.set_defaults(func=_merge)
 
     compare = sub.add_parser("compare", help="should I merge? every alternative at N more epochs on your data, chosen on validation")
     compare.add_argument("teachers", nargs=2, metavar="TEACHER", help="two local timm directories, Hub ids (id@revision) or .safetensors files")
-    compare.add_argument("--dataset", required=True, help="sine, a save_to_disk directory, an image folder or a Hub dataset id")
+    compare.add_argument("--dataset", required=True, help=DATASET_HELP)
     compare.add_argument("--epochs", type=_positive, required=True, help="the extra epochs every alternative gets (at least 2)")
     compare.add_argument("--output-dir", help="where the winner is saved (timm layout + a card with the whole table)")
     compare.add_argument("--val-fraction", type=float, default=0.1, help="share of the training split every choice is made on (0.1)")
     compare.add_argument("--config", help="a MergeConfig YAML file (the merge's schedule; batch size, precision, augmentation for all)")
-    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one MergeConfig field")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one MergeConfig field (see --list-keys)")
+    compare.add_argument("--list-keys", action=_ListKeys)
     compare.add_argument("--augment", choices=["auto", "none"], help="train-time augmentation (default auto)")
     compare.add_argument("--num-workers", type=int, help="DataLoader worker processes that decode images (default 0)")
     compare.add_argument("--max-train-samples", type=_positive, help="use the first N training examples only")
@@ -281,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speed_flags(run)
     run.add_argument("--overwrite", action="store_true", help="replace an output directory holding another run")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--list", action=_ListRecipes)
     run.set_defaults(func=_run)
 
     inspect = sub.add_parser("inspect", help="print a model's channel groups: what is coupled and where gates go")
@@ -299,6 +346,26 @@ def main(argv: list[str] | None = None) -> int:
     except NetMergeError as e:
         print(f"hf-netmerge: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"hf-netmerge: interrupted: {_interruption(args, e)}", file=sys.stderr)
+        return 130
+
+
+def _interruption(args: argparse.Namespace, error: KeyboardInterrupt) -> str:
+    """One line for Ctrl-C: what was interrupted and what was kept (nothing is ever left half-written)."""
+    where = (f"{args.command}, stage {error.stage!r} in epoch {error.epoch} of {error.epochs}"
+             if isinstance(error, StageInterrupted) else args.command)
+    kept = []
+    if isinstance(error, StageInterrupted) and error.checkpoint is not None:
+        kept.append(f"the checkpoint {error.checkpoint} is kept: rerun the same command to resume")
+    elif getattr(args, "checkpoint_dir", None) is not None:
+        kept.append(f"the checkpoints of the finished stages in {args.checkpoint_dir} are kept: rerun the same command to resume")
+    elif args.command == "merge":
+        kept.append("no checkpoint (pass --checkpoint-dir to make a merge resumable)")
+    out = getattr(args, "output_dir", None)
+    if out and args.command in ("merge", "compare"):
+        kept.append(f"{out} holds the complete result" if Path(out).is_dir() else f"nothing was written to {out}")
+    return f"{where}; " + "; ".join(kept) if kept else where
 
 
 if __name__ == "__main__":

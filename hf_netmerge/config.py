@@ -355,10 +355,14 @@ class MergeConfig(MergeSchedule):
     through the train transform that ``augment`` describes, evaluation through the eval transform.
     ``compile`` runs every training stage through ``torch.compile`` in that mode (see
     :func:`~hf_netmerge.training.train_stage`); ``channels_last`` trains conv nets in that memory format.
+    Every network is evaluated once on the first ``eval_max_samples`` evaluation examples (all when None) in batches
+    of ``eval_batch_size`` (4 × ``batch_size`` when None: evaluation keeps no activations for a backward pass).
     """
 
     task: Task = "classification"
     batch_size: int = 64
+    eval_batch_size: int | None = None
+    eval_max_samples: int | None = None
     mixed_precision: MixedPrecision = "no"
     seed: int = 0
     image_column: str = "image"
@@ -375,6 +379,8 @@ class MergeConfig(MergeSchedule):
         require(self.gradient_accumulation_steps >= 1, f"gradient_accumulation_steps must be >= 1: {self.gradient_accumulation_steps}")
         require(self.image_size is None or self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.eval_batch_size is None or self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        require(self.eval_max_samples is None or self.eval_max_samples >= 1, f"eval_max_samples must be >= 1, got {self.eval_max_samples}")
         require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
 
     @classmethod

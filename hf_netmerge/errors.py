@@ -6,6 +6,8 @@ caller can catch :class:`NetMergeError` and know that nothing was trained or wri
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class NetMergeError(Exception):
     """Base class of every error hf_netmerge raises on purpose."""
@@ -123,8 +125,28 @@ class NotAStudentError(CheckpointError):
     """A directory to publish is not a saved student (config.json, model.safetensors, netmerge_config.json, README.md)."""
 
 
+class CheckpointDirInUseError(CheckpointError):
+    """The checkpoint directory holds the checkpoints of another merge (other teachers, data size or configuration):
+    resuming from them would mix two runs. Choose another directory or delete that one."""
+
+
 class HubPushError(NetMergeError, OSError):
     """Publishing to the Hub failed (the HTTP status and repo are named); nothing was committed, the local files are intact."""
+
+
+class HubUnreachableError(HubPushError):
+    """The Hub could not be reached while publishing (no route, timeout, TLS, proxy); the endpoint and repo are named,
+    nothing was committed, the local files are intact."""
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) while a training stage ran. Not a :class:`NetMergeError`: it stays a ``KeyboardInterrupt`` for
+    any caller that catches those, and says where it happened (``stage``, ``epoch`` of ``epochs``, from 1) and which
+    complete checkpoint a rerun resumes from (``checkpoint``, or None)."""
+
+    def __init__(self, stage: str, epoch: int, epochs: int, checkpoint: Path | None) -> None:
+        super().__init__(f"stage {stage!r} interrupted in epoch {epoch} of {epochs}")
+        self.stage, self.epoch, self.epochs, self.checkpoint = stage, epoch, epochs, checkpoint
 
 
 # Data that cannot be trained on.
@@ -150,6 +172,7 @@ class MissingColumnError(DatasetError):
 
 __all__ = [
     "ArchitectureMismatchError",
+    "CheckpointDirInUseError",
     "CheckpointError",
     "CheckpointMismatchError",
     "ConfigError",
@@ -162,6 +185,7 @@ __all__ = [
     "EmptyFileError",
     "FormatMismatchError",
     "HubPushError",
+    "HubUnreachableError",
     "KeyMismatchError",
     "LabelRangeError",
     "MissingColumnError",
@@ -179,6 +203,7 @@ __all__ = [
     "RepoNotFoundError",
     "RevisionNotFoundError",
     "ShapeMismatchError",
+    "StageInterrupted",
     "TeacherMismatchError",
     "TruncatedFileError",
     "UnreachableReferenceError",

@@ -11,10 +11,10 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import importlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from torch import nn
 
 from .adapters import architecture_name
 from .data import Preprocessing
+from .data.augment import channel_stats_notice_silenced
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -35,6 +36,7 @@ from .errors import (
     EmptyFileError,
     FormatMismatchError,
     HubPushError,
+    HubUnreachableError,
     NotAStudentError,
     OfflineNotCachedError,
     OverlappingTensorsError,
@@ -46,6 +48,7 @@ from .errors import (
     TruncatedFileError,
     UnreachableReferenceError,
 )
+from .files import temp_dir
 from .validation import check_output_dir
 
 WEIGHTS_NAME = "model.safetensors"
@@ -94,11 +97,18 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def sniff_format(path: Path) -> str:
-    """``safetensors``, ``pickle`` (a ``torch.save`` zip or a raw pickle) or ``unknown``, from the file's first bytes."""
+    """``safetensors``, ``pickle`` (a ``torch.save`` zip or a raw pickle) or ``unknown``, from the file's structure.
+
+    safetensors is decided first and by structure (an 8-byte header length that fits in the file, then a JSON
+    object), because its first byte is the length's low byte and may be anything, 0x80 (a pickle's opcode) included.
+    """
+    size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(9)
     if not head:
         raise EmptyFileError(f"{path} is empty; re-download or re-save the checkpoint")
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return "pickle"
     if len(head) == 9 and head[8:9] == b"{":
@@ -325,6 +335,11 @@ def _load_hub(ref: str) -> tuple[nn.Module, TeacherInfo]:
             hf_hub_download(repo_id, CARD_NAME, revision=commit, local_files_only=cache_only)  # for its license, when it has one
     except UnreachableReferenceError:
         raise
+    except _transport_errors() as e:
+        raise UnreachableReferenceError(
+            f"teacher {ref!r}: the connection to the Hub at {hub_constants.ENDPOINT} failed while fetching it "
+            f"({_first_line(e)}); nothing was loaded: check the network or proxy and run again"
+        ) from e
     except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError, hub_errors.LocalEntryNotFoundError,
             hub_errors.OfflineModeIsEnabled, OSError, ValueError) as e:
         for source, error, advice in typed:
@@ -334,24 +349,50 @@ def _load_hub(ref: str) -> tuple[nn.Module, TeacherInfo]:
     return _load_dir(config_path.parent, "hf-hub", repo_id, commit)
 
 
-def _timm_layout(model: nn.Module, folder: Path, label_names: list[str] | None, preprocessing: Preprocessing | None) -> None:
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The failures of the Hub client's HTTP transport (connect, timeout, TLS, proxy, a dropped connection) that
+    huggingface_hub lets through: ``OSError``'s connection and timeout errors and its HTTP library's
+    ``TransportError`` (httpx, or httpx2 in newer releases)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for name in ("httpx", "httpx2"):
+        with contextlib.suppress(ImportError):
+            errors.append(importlib.import_module(name).TransportError)
+    return tuple(errors)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+# pretrained_cfg keys that describe the weights timm ships for an architecture, not a network saved from it
+_INHERITED_WEIGHTS_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "description", "hf_hub_id",
+                           "hf_hub_filename", "url", "file", "source", "test_input_size", "test_crop_pct")
+
+
+def _timm_layout(model: nn.Module, folder: Path, label_names: list[str] | None, preprocessing: Preprocessing | None,
+                 license: str | None) -> None:
     """``config.json`` and ``model.safetensors`` of ``model`` in ``folder``, through timm's public ``save_for_hf``; the
-    config then keeps ``num_classes`` out of ``model_args`` and records in ``pretrained_cfg`` the ``preprocessing`` its
-    inputs went through (so ``timm.data.resolve_data_config({}, model=reloaded)`` gives it), and the weights are
-    rewritten as contiguous tensors with safetensors' ``format: pt`` metadata; both files are fsynced.
+    config then keeps ``num_classes`` out of ``model_args``, records in ``pretrained_cfg`` the ``preprocessing`` its
+    inputs went through (so ``timm.data.resolve_data_config({}, model=reloaded)`` gives it) and this network's
+    ``license`` (none when None), and drops what ``pretrained_cfg`` inherits about timm's own pretrained weights
+    (their tag, license, origin, papers, test size); the weights are rewritten as contiguous tensors with
+    safetensors' ``format: pt`` metadata; both files are fsynced.
 
     (transformers' timm wrapper passes ``num_classes`` itself and fails when ``model_args`` repeats it.)
     """
     from timm.models import save_for_hf
 
-    save_for_hf(model, folder, model_config={"label_names": label_names} if label_names else None, safe_serialization=True)
+    with channel_stats_notice_silenced():
+        save_for_hf(model, folder, model_config={"label_names": label_names} if label_names else None, safe_serialization=True)
     config = json.loads((folder / CONFIG_NAME).read_text())
     config["model_args"] = {**input_args(model), **config.get("model_args", {})}  # timm's own values win
     config["model_args"].pop("num_classes", None)
     if not config.get("model_args"):
         config.pop("model_args", None)
-    if preprocessing is not None:
-        config["pretrained_cfg"] = {**config.get("pretrained_cfg", {}), **preprocessing.to_dict()}
+    pretrained = {k: v for k, v in config.get("pretrained_cfg", {}).items() if k not in _INHERITED_WEIGHTS_KEYS}
+    config["pretrained_cfg"] = {**pretrained, **(preprocessing.to_dict() if preprocessing is not None else {}),
+                                **({"license": license} if license else {})}
     _write(folder / CONFIG_NAME, json.dumps(config, indent=2))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _write(folder / WEIGHTS_NAME, safetensors.torch.save(state, metadata={"format": "pt"}))
@@ -389,6 +430,7 @@ def save_network(
     extra_files: dict[str, str] | None = None,
     label_names: list[str] | None = None,
     preprocessing: Preprocessing | None = None,
+    license: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` in timm's layout (``config.json``, ``model.safetensors``) plus ``extra_files`` (name → text),
@@ -398,9 +440,9 @@ def save_network(
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.*-*"):  # left by a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp = temp_dir(target.parent, f".{target.name}.tmp-")
     try:
-        _timm_layout(model, tmp, label_names, preprocessing)
+        _timm_layout(model, tmp, label_names, preprocessing, license)
         for name, text in (extra_files or {}).items():
             _write(tmp / name, text)
         if not target.exists():
@@ -408,7 +450,7 @@ def save_network(
         elif _exchange(tmp, target):
             shutil.rmtree(tmp)  # now the old student
         else:  # two renames: a crash between them leaves the old student in .NAME.old-*/NAME and the new in .NAME.tmp-*
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            old = temp_dir(target.parent, f".{target.name}.old-")
             os.replace(target, old / target.name)
             os.replace(tmp, target)
             shutil.rmtree(old)
@@ -445,7 +487,7 @@ def save_student(
     """Write ``config.json``, ``model.safetensors``, ``netmerge_config.json`` and ``README.md`` atomically."""
     extra = {MERGE_CONFIG_NAME: json.dumps(merge_record, indent=2), CARD_NAME: card}  # in record order: the card renders from it
     return save_network(student, directory, extra_files=extra, label_names=label_names, preprocessing=preprocessing,
-                        overwrite=overwrite)
+                        license=merge_record.get("license"), overwrite=overwrite)
 
 
 STUDENT_FILES = (CONFIG_NAME, WEIGHTS_NAME, MERGE_CONFIG_NAME, CARD_NAME)
@@ -490,5 +532,10 @@ def push_folder(
         status = e.response.status_code if e.response is not None else "no response"
         raise HubPushError(
             f"publishing {folder} to the Hub repo {repo_id!r} failed (HTTP {status}): {str(e).splitlines()[0]}; nothing was "
+            f"committed and {folder} is intact: publish it later with `hf-netmerge push {folder} {repo_id}`"
+        ) from e
+    except _transport_errors() as e:
+        raise HubUnreachableError(
+            f"cannot reach the Hub at {api.endpoint} to publish {folder} to {repo_id!r} ({_first_line(e)}); nothing was "
             f"committed and {folder} is intact: publish it later with `hf-netmerge push {folder} {repo_id}`"
         ) from e

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class HubState:
         self.log: list[tuple[str, str, dict[str, str]]] = []
         self.lock = threading.Lock()
         self.commit_status: int | None = None  # set to make every commit fail with this HTTP status (a Hub fault)
+        self.drop_downloads = False  # set to cut every weights download halfway through its body (a lost connection)
 
     def commits(self, repo_id: str) -> list[Commit]:
         return list(self.repos[repo_id].commits.values())
@@ -278,6 +280,11 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"ETag": etag, "X-Repo-Commit": commit.oid, "Content-Type": "application/octet-stream"}
         if filename.endswith(".safetensors"):
             headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(len(data))})
+            if self.state.drop_downloads and not head:
+                self._send(200, data, headers, head=True)  # the status line and headers, announcing the full length
+                self.wfile.write(data[: len(data) // 2])
+                self.close_connection = True
+                return self.connection.shutdown(socket.SHUT_RDWR)
         self._send(200, data, headers, head=head)
 
 

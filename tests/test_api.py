@@ -147,3 +147,87 @@ def test_saved_networks_reload_with_their_input_channels_and_size(tmp_path, name
     loaded = timm.create_model(f"local-dir:{tmp_path / 'saved'}", pretrained=True).eval()
     x = torch.randn(shape)
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_every_network_is_evaluated_once_on_at_most_eval_max_samples(teachers, data, monkeypatch):
+    """Each teacher runs over the evaluation examples once (the ensemble is scored from their outputs, not a second
+    pass), on the first ``eval_max_samples`` only, and the numbers are evaluate()'s on those examples."""
+    from hf_netmerge.data import make_loader, prepare_dataset
+    from hf_netmerge.training import MeanEnsemble, evaluate, make_accelerator
+
+    a, b = teachers
+    seen = {"eval": 0}
+    original = type(a).forward
+
+    def counting(self, x):
+        if self is a and not self.training:
+            seen["eval"] += len(x)
+        return original(self, x)
+
+    monkeypatch.setattr(type(a), "forward", counting)
+    config = hm.MergeConfig(**{**FAST, "distill_alpha": 0.0}, eval_max_samples=12)
+    result = hm.merge_models(a, b, data[0], data[1], config, run=QUIET)
+    assert seen["eval"] == 2 + 12  # the data check's two examples, then one pass over the 12
+    assert result.record()["eval_examples"] == 12 and "On 12 evaluation examples." in result.model_card()
+    first = prepare_dataset(data[1].select(range(12)), model=a, task="classification", num_classes=4, image_column="image",
+                            label_column="label", image_size=None, min_size=1, label="eval")
+    expected = evaluate(MeanEnsemble(a, b), make_loader(first, 4 * 16, shuffle=False), task="classification",
+                        accelerator=make_accelerator("no"))
+    assert result.metrics["ensemble"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("license_id", [None, "mit"])
+def test_config_record_and_card_agree_on_license_datasets_preprocessing_and_augmentation(tmp_path, license_id):
+    """timm's test_resnet inherits ``license: apache-2.0`` and a tag from timm's weights: the student's config.json
+    keeps neither, and says what the record and card say; at 32 px the card lists only the pad-crop and flip that ran."""
+    a, b = make_teacher("test_resnet", {"num_classes": 4}, 0), make_teacher("test_resnet", {"num_classes": 4}, 1)
+    assert a.pretrained_cfg["license"] == "apache-2.0"
+    out = tmp_path / "student"
+    hm.merge_models(a, b, image_dataset(32, 4), image_dataset(8, 4, seed=1), hm.MergeConfig(**FAST, image_size=32),
+                    output=hm.OutputOptions(out, license=license_id, datasets=["org/images"]), run=QUIET)
+    config = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    record = json.loads((out / "netmerge_config.json").read_text())
+    card = ModelCard.load(out / "README.md")
+    assert config.get("license") == record["license"] == card.data.license == license_id
+    assert record["datasets"] == card.data.datasets == ["org/images"]
+    assert {k: config[k] for k in record["preprocessing"]} == record["preprocessing"]
+    assert record["preprocessing"]["input_size"] == [3, 32, 32] and "tag" not in config and "test_input_size" not in config
+    assert record["augmentation"] == {"transform": "pad-crop", "pad": 4, "hflip": 0.5}
+    line = card.text.split("Training stages read augmented inputs: ")[1].splitlines()[0]
+    assert "pad 4" in line and "hflip 0.5" in line and "scale" not in line and "color_jitter" not in line
+
+
+def test_saved_folders_take_the_umask(tmp_path):
+    import os
+
+    from hf_netmerge.hub import save_network
+    from hf_netmerge.training.checkpoint import StageCheckpoint
+
+    teacher = make_teacher("netmerge_lenet", {"num_classes": 4}, 0)
+    for umask, mode in ((0o022, 0o755), (0o077, 0o700)):
+        old = os.umask(umask)
+        try:
+            save_network(teacher, tmp_path / f"s{umask:o}")
+            StageCheckpoint(tmp_path / f"c{umask:o}").save(1, {"x": torch.zeros(1)})
+        finally:
+            os.umask(old)
+        assert (tmp_path / f"s{umask:o}").stat().st_mode & 0o777 == mode
+        assert (tmp_path / f"c{umask:o}" / "epoch-00001").stat().st_mode & 0o777 == mode
+
+
+def test_teachers_with_more_classes_than_the_data_reaches_are_a_warning(data, caplog, tmp_path):
+    import logging
+
+    from hf_netmerge.data import Preprocessing
+    from hf_netmerge.hub import save_network
+
+    a, b = make_teacher("netmerge_lenet", {"num_classes": 10}, 0), make_teacher("netmerge_lenet", {"num_classes": 10}, 1)
+    with caplog.at_level(logging.WARNING):
+        hm.merge_models(a, b, data[0], config=hm.MergeConfig(**{**FAST, "gate_epochs": 1, "finetune_epochs": 0}), run=QUIET)
+    assert "the teachers predict 10 classes but the training labels reach only 4" in caplog.text
+    caplog.clear()
+    gray = make_teacher("resnet10t", {"num_classes": 4, "in_chans": 1}, 0)
+    with caplog.at_level(logging.WARNING):  # timm's averaged-RGB notice: the preprocessing averages them itself
+        assert len(Preprocessing.for_model(gray).mean) == 1
+        save_network(gray, tmp_path / "gray", preprocessing=Preprocessing.for_model(gray))
+    assert "does not match" not in caplog.text

@@ -186,6 +186,49 @@ def test_a_hub_fault_is_a_typed_error_and_push_publishes_the_saved_student_later
     assert "is not a saved student" in capsys.readouterr().err
 
 
+def _closed_endpoint() -> str:
+    """A loopback URL nothing listens on: every connection to it is refused, as when there is no route to the Hub."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_no_route_to_the_hub_is_one_typed_line_and_the_saved_student_stays(hub, data, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    args = _cli_teachers_and_data(data, tmp_path)
+    out = tmp_path / "student"
+    closed = _closed_endpoint()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", closed)
+    capsys.readouterr()
+    assert main(["merge", *args, "--output-dir", str(out), "--push-to-hub", "user/offline"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("hf-netmerge: error: cannot reach the Hub")
+    assert closed in err and "'user/offline'" in err and f"hf-netmerge push {out} user/offline" in err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "netmerge_config.json"]
+    with pytest.raises(hm.HubUnreachableError, match="cannot reach the Hub"):
+        push_folder(out, "user/offline")
+    assert main(["push", str(out), "user/offline"]) == 2 and "Traceback" not in capsys.readouterr().err
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+    assert "user/offline" not in hub.state.repos  # nothing reached the Hub
+    assert main(["push", str(out), "user/offline"]) == 0  # online again, the saved student is published as it is
+    assert sorted(hub.state.commits("user/offline")[-1].files) == sorted(p.name for p in out.iterdir())
+
+
+def test_a_connection_lost_during_a_teacher_download_is_a_typed_error(hub, tmp_path):
+    _publish_teacher(make_teacher("netmerge_lenet", {"num_classes": 4}, 5), "user/dropped", tmp_path)
+    hub.state.drop_downloads = True
+    try:
+        with pytest.raises(hm.UnreachableReferenceError, match=f"'user/dropped'.*{hub.endpoint}"):
+            load_teacher("user/dropped")
+    finally:
+        hub.state.drop_downloads = False
+    model, info = load_teacher("user/dropped")  # the connection is back: nothing half-downloaded is kept
+    assert info.source == "hf-hub" and model(X).shape == (3, 4)
+
+
 def test_two_processes_print_and_push_once(hub, data, tmp_path):
     """``accelerate launch`` with two CPU processes, as a user runs it (a fork of this threaded test process could
     inherit a held lock): one printed table, one push, one commit."""

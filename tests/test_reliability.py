@@ -154,6 +154,28 @@ def test_bad_checkpoint_files_are_refused_with_their_own_error(case, tmp_path, d
     assert not Path("/tmp/netmerge-pwned").exists()
 
 
+def test_a_safetensors_file_is_told_by_its_structure_whatever_its_first_byte(tmp_path):
+    """The first byte of a safetensors file is its header length's low byte: 0x80 (a pickle's opcode) among them."""
+    model = _teacher()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    offsets, blobs, entries = 0, [], {}
+    for name, tensor in state.items():
+        raw = tensor.numpy().tobytes()
+        entries[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offsets, offsets + len(raw)]}
+        offsets += len(raw)
+        blobs.append(raw)
+    header = json.dumps(entries).encode()
+    base = (len(header) // 256 + 1) * 256
+    for low in range(256):
+        path = tmp_path / f"{low}" / "model.safetensors"
+        path.parent.mkdir()
+        padded = header + b" " * (base + low - len(header))
+        path.write_bytes(struct.pack("<Q", len(padded)) + padded + b"".join(blobs))
+        assert path.read_bytes()[0] == low
+        loaded, _ = load_teacher(path, "netmerge_lenet", LENET)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+
+
 def test_pickle_with_code_is_refused_even_when_pickles_are_allowed(tmp_path):
     path = _pickle_with_code(tmp_path, "w.bin")
     with pytest.raises(hm.PickleRefusedError, match="weights_only"):

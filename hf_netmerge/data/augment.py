@@ -8,7 +8,9 @@ rebuild it. :func:`image_transforms` gives the train and eval transforms of PIL 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,6 +19,27 @@ from torch import nn
 from ..config import AugmentConfig
 
 SMALL_IMAGE = 64  # below this (CIFAR / MNIST sizes) "auto" pads and crops instead of RandomResizedCrop
+
+
+class _ChannelStatsNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "does not match" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def channel_stats_notice_silenced() -> Iterator[None]:
+    """Without timm's notice that a pretrained mean or std does not match a model's channels (each time timm resolves
+    a 1-channel model's data config: ~10 times a run): :meth:`Preprocessing.for_model` averages them itself, and a
+    saved network records the statistics it was trained with."""
+    quiet = _ChannelStatsNotice()
+    loggers = [logging.getLogger(name) for name in ("timm.data.config", "timm.data.model_config")]
+    for log in loggers:
+        log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.removeFilter(quiet)
 
 
 @dataclass(frozen=True)
@@ -35,7 +58,8 @@ class Preprocessing:
         """timm's resolved data config for ``model`` (from its ``pretrained_cfg``), at ``image_size`` when given."""
         from timm.data import resolve_data_config
 
-        cfg = resolve_data_config({"input_size": (3, image_size, image_size)} if image_size else {}, model=model)
+        with channel_stats_notice_silenced():
+            cfg = resolve_data_config({"input_size": (3, image_size, image_size)} if image_size else {}, model=model)
         channels = getattr(model, "in_chans", cfg["input_size"][0])
         mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
         if len(mean) != channels:  # e.g. a 1-channel model with RGB statistics: their average per channel, as timm does

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,8 @@ from torch.utils.data import Dataset
 
 from ..errors import DatasetError, DatasetTooSmallError, EmptyDatasetError, LabelRangeError
 from .datasets import HFImageDataset, TensorBatchDataset
+
+logger = logging.getLogger("hf_netmerge")
 
 
 def dataset_targets(dataset: Dataset) -> torch.Tensor:
@@ -51,3 +54,13 @@ def check_dataset(dataset: Dataset, task: str, num_classes: int, min_size: int =
         raise DatasetError(f"{label}: regression targets hold NaN or Inf")
 
 
+
+
+def warn_unused_classes(dataset: Dataset, num_classes: int) -> None:
+    """Log a warning when the training labels reach fewer classes than the model predicts (e.g. 100-class teachers on
+    10-class data): the merge still runs, but the classes the data never shows are only pulled down."""
+    high = int(dataset_targets(dataset).max())
+    if high + 1 < num_classes:
+        logger.warning("the teachers predict %d classes but the training labels reach only %d (0 to %d): the student keeps "
+                       "all %d outputs and learns nothing about the other %d; check that the data and teachers belong "
+                       "together", num_classes, high + 1, high, num_classes, num_classes - high - 1)

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import AugmentConfig
-from .augment import Preprocessing, TensorAugment, image_transforms
+from .augment import SMALL_IMAGE, Preprocessing, TensorAugment, image_transforms
 from .checks import check_dataset
 from .datasets import HFImageDataset, TensorBatchDataset, as_torch_dataset, is_hf_dataset
 
@@ -35,6 +35,18 @@ def prepare_dataset(
     return dataset
 
 
+def _augmentation_kind(dataset: Dataset, augment: AugmentConfig) -> str | None:
+    """Which train-time augmentation ``dataset`` gets: ``resized-crop`` (PIL images of at least ``SMALL_IMAGE`` px),
+    ``pad-crop`` (smaller PIL images), ``tensor-pad-crop`` (in-memory image tensors) or None."""
+    if not augment.active:
+        return None
+    if isinstance(dataset, HFImageDataset) and dataset.preprocessing is not None:
+        return "resized-crop" if min(dataset.preprocessing.input_size[1:]) >= SMALL_IMAGE else "pad-crop"
+    if isinstance(dataset, TensorBatchDataset) and dataset.inputs.dim() == 4:
+        return "tensor-pad-crop"
+    return None
+
+
 def training_view(dataset: Dataset, augment: AugmentConfig, seed: int) -> Dataset:
     """The dataset the training stages read: ``dataset`` (from :func:`prepare_dataset`) through the train transform.
 
@@ -42,12 +54,27 @@ def training_view(dataset: Dataset, augment: AugmentConfig, seed: int) -> Datase
     in-memory image tensors a :class:`~hf_netmerge.data.augment.TensorAugment` keyed by ``seed``; anything
     else (non-image inputs, other datasets, ``augment: none``) is read as it is.
     """
-    if not augment.active:
-        return dataset
-    if isinstance(dataset, HFImageDataset) and dataset.preprocessing is not None:
+    kind = _augmentation_kind(dataset, augment)
+    if kind in ("resized-crop", "pad-crop"):
         return dataset.augmented(image_transforms(dataset.preprocessing, augment)[0])
-    if isinstance(dataset, TensorBatchDataset) and dataset.inputs.dim() == 4:
+    if kind == "tensor-pad-crop":
         prep = dataset.preprocessing
         fill = [-m / s for m, s in zip(prep.mean, prep.std)] if prep is not None else 0.0  # a black pixel, normalized
         return dataset.augmented(TensorAugment(augment.pad, augment.hflip, seed, fill))
     return dataset
+
+
+def applied_augmentation(dataset: Dataset, augment: AugmentConfig) -> dict[str, object]:
+    """The augmentation settings :func:`training_view` really applies to ``dataset`` (empty when none): what a card or
+    record should list, since ``augment``'s other knobs do not act on small or in-memory images."""
+    kind = _augmentation_kind(dataset, augment)
+    if kind == "resized-crop":
+        knobs = {"scale": augment.scale, "ratio": augment.ratio, "hflip": augment.hflip, "color_jitter": augment.color_jitter,
+                 "auto_augment": augment.auto_augment, "re_prob": augment.re_prob}
+    elif kind == "pad-crop":
+        knobs = {"pad": augment.pad, "hflip": augment.hflip, "re_prob": augment.re_prob}
+    elif kind == "tensor-pad-crop":
+        knobs = {"pad": augment.pad, "hflip": augment.hflip}
+    else:
+        return {}
+    return {"transform": kind, **{k: v for k, v in knobs.items() if v not in (None, 0, 0.0)}}

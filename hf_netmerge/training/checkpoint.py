@@ -8,11 +8,11 @@ checkpoint is kept; anything without the marker is ignored and removed. No pickl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,11 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointDirInUseError, CheckpointError
+from ..files import temp_dir
 
 MARKER = "COMPLETE"
+RUN_NAME = "run.json"  # what the checkpoints in a directory belong to (CheckpointDir.claim)
 
 
 def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -110,7 +112,7 @@ class StageCheckpoint:
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         structure = _flatten({**state, "epochs_done": epochs_done, "rng": rng_state()}, tensors)
-        tmp = Path(tempfile.mkdtemp(dir=self.directory, prefix=".tmp-"))
+        tmp = temp_dir(self.directory, ".tmp-")
         try:
             for name, data in (
                 ("tensors.safetensors", safetensors.torch.save(tensors)),
@@ -147,6 +149,15 @@ class StageCheckpoint:
         return state
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of ``model``'s state dict (names, dtypes, shapes and bytes): which weights a run started from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class CheckpointDir:
     """Where a run's stage checkpoints go: ``CheckpointDir(root)("gates")`` is the gate stage's.
 
@@ -160,6 +171,29 @@ class CheckpointDir:
 
     def __call__(self, stage: str) -> StageCheckpoint | None:
         return StageCheckpoint(self.root / stage, self.every, self.writer) if self.root is not None else None
+
+    def claim(self, run: dict[str, Any]) -> None:
+        """Bind the directory to one run, described by ``run`` (JSON values): the first call writes ``run.json``; a later
+        call with another description raises :class:`CheckpointDirInUseError` (naming the keys that differ), so a
+        rerun resumes only its own checkpoints. Nothing is written or checked without a root."""
+        if self.root is None:
+            return
+        path = self.root / RUN_NAME
+        run = json.loads(json.dumps(run))  # as it reads back: tuples become lists
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved != run:
+                keys = sorted(k for k in {*saved, *run} if saved.get(k) != run.get(k))
+                raise CheckpointDirInUseError(
+                    f"{self.root} holds the checkpoints of another run (its {', '.join(keys)} differ); "
+                    "choose another checkpoint directory, or delete that one to start over"
+                )
+            return
+        if self.writer:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(run, indent=2, sort_keys=True))
+            os.replace(tmp, path)
 
     def sub(self, name: str) -> CheckpointDir:
         """The checkpoints of a part of the run (a seed, a strategy)."""

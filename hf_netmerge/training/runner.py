@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 
 from ..config import CompileMode, StageConfig
 from ..data import Loader, TensorLoader
-from ..errors import CheckpointMismatchError, NonFiniteLossError
+from ..errors import CheckpointMismatchError, NonFiniteLossError, StageInterrupted
 from .accelerator import optimizer_needs_accelerate
 from .checkpoint import StageCheckpoint
+
+LOG_EVERY_SECONDS = 30  # without a progress bar (a log file), a line at least this often within an epoch
 
 
 class Regularizer(Protocol):
@@ -165,84 +167,92 @@ def train_stage(
         total=stage.epochs * batches,
         disable=None if shown else True,
     )
-    lines = shown and bar.disable  # a log file: a plain line every tenth of the stage instead of a bar
+    lines = shown and bar.disable  # a log file: a plain line every tenth of the stage and every 30 s instead of a bar
     every = max(1, math.ceil(stage.epochs / 10))
-    start = time.perf_counter()
+    start = last_line = time.perf_counter()
     train_model.train()
-    for epoch in range(start_epoch, stage.epochs):
-        epoch_start = time.perf_counter()
-        _set_epoch(loader, epoch)
-        losses: list[torch.Tensor] = []  # no host sync per step: read once at the end of the epoch
-        sizes: list[int] = []
-        warmup_seconds, warmup_samples = 0.0, 0
-        lam = 0.0
-        for index, (inputs, targets) in enumerate(train_loader):
-            bar.update()
-            position = epoch + index / batches  # the learning rate and λ move step by step
-            lr = stage.lr * factor(position)
-            if lr != optimizer.param_groups[0]["lr"]:  # a step schedule moves it once an epoch, the cosine every step
-                _set_lr(optimizer, lr)
-            if compiling and full_batch is not None and len(targets) != full_batch:
-                continue
-            if channels_last and inputs.dim() == 4:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            first = compiling and full_batch is None
-            step_start = time.perf_counter()
-            with accelerator.accumulate(train_model):
-                output = train_model(inputs)
-                loss = distillation(output, inputs, targets) if distillation is not None else task_loss(task, output, targets)
-                if regularizer is not None:
-                    lam = regularizer.weight(position)
-                    objective = loss + lam * regularizer.penalty()
-                else:
-                    objective = loss
-                if direct:
-                    objective.backward()
-                else:
-                    accelerator.backward(objective)
-                if accelerator.sync_gradients:
-                    if stage.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(weights, stage.max_grad_norm)
-                    for opt in optimizers:
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-                    report.steps += 1
-            losses.append(loss.detach())
-            sizes.append(len(targets))
-            if first:
-                _synchronize(accelerator.device)
-                full_batch, warmup_samples = len(targets), len(targets)
-                warmup_seconds = time.perf_counter() - step_start
-                report.compile_seconds += warmup_seconds
-        seen = sum(sizes)
-        total, first_bad = _epoch_loss(losses, sizes, accelerator.device)
-        count = accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum")
-        epoch_loss = float(accelerator.reduce(total, "sum")) / max(int(count), 1)
-        bad = [int(b) for b in accelerator.gather(first_bad[None]) if b >= 0]  # every process sees the same and stops
-        if bad or not math.isfinite(epoch_loss):
-            step = f"batch {min(bad) + 1} of " if bad else ""
-            raise NonFiniteLossError(
-                f"stage {name!r}: the training loss became non-finite at {step}epoch {epoch + 1}; "
-                "lower the learning rate or check the data (the last complete checkpoint is kept)"
-            )
-        entry = {
-            "epoch": epoch + 1,
-            "loss": epoch_loss,
-            "lr": optimizer.param_groups[0]["lr"],
-            "samples_per_second": _rate(seen, warmup_samples, time.perf_counter() - epoch_start, warmup_seconds) * accelerator.num_processes,
-        }
-        if regularizer is not None:
-            entry.update(regularizer.log(), **{"lambda": lam})  # the λ of the epoch's last step
-        report.history.append(entry)
-        report.samples += seen
-        accelerator.log({f"{name}/{k}": v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
-        bar.set_postfix(epoch=f"{epoch + 1}/{stage.epochs}", loss=f"{epoch_loss:.4g}", samples_s=f"{entry['samples_per_second']:.0f}")
-        if lines and ((epoch + 1) % every == 0 or epoch + 1 == stage.epochs):
-            print(f"{name}: epoch {epoch + 1}/{stage.epochs}, loss {epoch_loss:.4g}, {entry['samples_per_second']:.0f} samples/s",
-                  file=sys.stderr, flush=True)
-        if checkpoint is not None and checkpoint.due(epoch + 1, stage.epochs):
-            accelerator.wait_for_everyone()
-            checkpoint.save(epoch + 1, _stage_state(model, optimizers, loader, report))
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, stage.epochs):
+            epoch_start = time.perf_counter()
+            _set_epoch(loader, epoch)
+            losses: list[torch.Tensor] = []  # no host sync per step: read once at the end of the epoch
+            sizes: list[int] = []
+            warmup_seconds, warmup_samples = 0.0, 0
+            lam = 0.0
+            for index, (inputs, targets) in enumerate(train_loader):
+                bar.update()
+                if lines and time.perf_counter() - last_line >= LOG_EVERY_SECONDS:
+                    print(f"{name}: epoch {epoch + 1}/{stage.epochs}, batch {index + 1}/{batches}", file=sys.stderr, flush=True)
+                    last_line = time.perf_counter()
+                position = epoch + index / batches  # the learning rate and λ move step by step
+                lr = stage.lr * factor(position)
+                if lr != optimizer.param_groups[0]["lr"]:  # a step schedule moves it once an epoch, the cosine every step
+                    _set_lr(optimizer, lr)
+                if compiling and full_batch is not None and len(targets) != full_batch:
+                    continue
+                if channels_last and inputs.dim() == 4:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                first = compiling and full_batch is None
+                step_start = time.perf_counter()
+                with accelerator.accumulate(train_model):
+                    output = train_model(inputs)
+                    loss = distillation(output, inputs, targets) if distillation is not None else task_loss(task, output, targets)
+                    if regularizer is not None:
+                        lam = regularizer.weight(position)
+                        objective = loss + lam * regularizer.penalty()
+                    else:
+                        objective = loss
+                    if direct:
+                        objective.backward()
+                    else:
+                        accelerator.backward(objective)
+                    if accelerator.sync_gradients:
+                        if stage.max_grad_norm is not None:
+                            accelerator.clip_grad_norm_(weights, stage.max_grad_norm)
+                        for opt in optimizers:
+                            opt.step()
+                            opt.zero_grad(set_to_none=True)
+                        report.steps += 1
+                losses.append(loss.detach())
+                sizes.append(len(targets))
+                if first:
+                    _synchronize(accelerator.device)
+                    full_batch, warmup_samples = len(targets), len(targets)
+                    warmup_seconds = time.perf_counter() - step_start
+                    report.compile_seconds += warmup_seconds
+            seen = sum(sizes)
+            total, first_bad = _epoch_loss(losses, sizes, accelerator.device)
+            count = accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum")
+            epoch_loss = float(accelerator.reduce(total, "sum")) / max(int(count), 1)
+            bad = [int(b) for b in accelerator.gather(first_bad[None]) if b >= 0]  # every process sees the same and stops
+            if bad or not math.isfinite(epoch_loss):
+                step = f"batch {min(bad) + 1} of " if bad else ""
+                raise NonFiniteLossError(
+                    f"stage {name!r}: the training loss became non-finite at {step}epoch {epoch + 1}; "
+                    "lower the learning rate or check the data (the last complete checkpoint is kept)"
+                )
+            entry = {
+                "epoch": epoch + 1,
+                "loss": epoch_loss,
+                "lr": optimizer.param_groups[0]["lr"],
+                "samples_per_second": _rate(seen, warmup_samples, time.perf_counter() - epoch_start, warmup_seconds) * accelerator.num_processes,
+            }
+            if regularizer is not None:
+                entry.update(regularizer.log(), **{"lambda": lam})  # the λ of the epoch's last step
+            report.history.append(entry)
+            report.samples += seen
+            accelerator.log({f"{name}/{k}": v for k, v in entry.items() if k != "epoch"}, step=epoch + 1)
+            bar.set_postfix(epoch=f"{epoch + 1}/{stage.epochs}", loss=f"{epoch_loss:.4g}", samples_s=f"{entry['samples_per_second']:.0f}")
+            if lines and ((epoch + 1) % every == 0 or epoch + 1 == stage.epochs):
+                print(f"{name}: epoch {epoch + 1}/{stage.epochs}, loss {epoch_loss:.4g}, {entry['samples_per_second']:.0f} samples/s",
+                      file=sys.stderr, flush=True)
+            if checkpoint is not None and checkpoint.due(epoch + 1, stage.epochs):
+                accelerator.wait_for_everyone()
+                checkpoint.save(epoch + 1, _stage_state(model, optimizers, loader, report))
+    except KeyboardInterrupt as e:  # Ctrl-C: say where, and which complete checkpoint a rerun resumes from
+        bar.close()
+        raise StageInterrupted(name, epoch + 1, stage.epochs, checkpoint.latest() if checkpoint is not None else None) from e
     report.seconds += time.perf_counter() - start
     bar.close()
     accelerator.unwrap_model(train_model, keep_fp32_wrapper=False)
@@ -356,6 +366,26 @@ def _resume(checkpoint: StageCheckpoint | None, model: nn.Module, optimizers: li
     return int(state["epochs_done"])
 
 
+class _Sums:
+    """Running loss sum, correct count and example count over evaluation batches."""
+
+    def __init__(self, task: str) -> None:
+        self.task, self.loss, self.correct, self.count = task, 0.0, 0, 0
+
+    def add(self, output: torch.Tensor, targets: torch.Tensor) -> None:
+        self.loss += float(task_loss(self.task, output, targets)) * len(targets)
+        if self.task == "classification":
+            self.correct += int((output.argmax(-1) == targets).sum())
+        self.count += len(targets)
+
+    def metrics(self) -> dict[str, float]:
+        if self.count == 0:
+            return {}
+        if self.task == "classification":
+            return {"loss": self.loss / self.count, "accuracy": self.correct / self.count}
+        return {"mse": self.loss / self.count}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Loader, *, task: str, accelerator: Accelerator) -> dict[str, float]:
     """Mean loss (and accuracy for classification, ``mse`` for regression) of ``model`` in eval mode.
@@ -365,36 +395,48 @@ def evaluate(model: nn.Module, loader: Loader, *, task: str, accelerator: Accele
     was_training = model.training
     model.eval()
     model.to(accelerator.device)
-    eval_loader = accelerator.prepare_data_loader(_as_dataloader(loader))
-    loss_sum, correct, count = 0.0, 0, 0
-    for inputs, targets in eval_loader:
+    sums = _Sums(task)
+    for inputs, targets in accelerator.prepare_data_loader(_as_dataloader(loader)):
         with accelerator.autocast():
             output = model(inputs)
-        output, targets = accelerator.gather_for_metrics((output.float(), targets))
-        loss_sum += float(task_loss(task, output, targets)) * len(targets)
-        if task == "classification":
-            correct += int((output.argmax(-1) == targets).sum())
-        count += len(targets)
+        sums.add(*accelerator.gather_for_metrics((output.float(), targets)))
     model.train(was_training)
-    if count == 0:
-        return {}
-    if task == "classification":
-        return {"loss": loss_sum / count, "accuracy": correct / count}
-    return {"mse": loss_sum / count}
+    return sums.metrics()
+
+
+def score(task: str, outputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """:func:`evaluate`'s metrics of outputs already computed (e.g. by :func:`predict_with_targets`), summed batch by
+    batch as ``evaluate`` sums them, so equal outputs give equal numbers."""
+    sums = _Sums(task)
+    for output, target in zip(outputs.split(batch_size), targets.split(batch_size)):
+        sums.add(output, target)
+    return sums.metrics()
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Loader, accelerator: Accelerator) -> torch.Tensor:
     """All outputs of ``model`` (eval mode) over ``loader``, gathered, in loader order, fp32."""
+    return predict_with_targets(model, loader, accelerator)[0]
+
+
+@torch.no_grad()
+def predict_with_targets(model: nn.Module, loader: Loader, accelerator: Accelerator, *,
+                         progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All outputs of ``model`` (eval mode, fp32) and the targets over ``loader``, gathered, in loader order, on the CPU.
+    With ``progress`` (a name), a progress bar over the batches when stderr is a terminal."""
     was_training = model.training
     model.eval()
     model.to(accelerator.device)
-    outputs = []
-    for inputs, _ in accelerator.prepare_data_loader(_as_dataloader(loader)):
+    outputs, targets = [], []
+    shown = progress is not None and accelerator.is_local_main_process
+    batches = accelerator.prepare_data_loader(_as_dataloader(loader))
+    for inputs, target in tqdm(batches, desc=f"eval {progress}", unit="batch", leave=False, disable=None if shown else True):
         with accelerator.autocast():
-            outputs.append(accelerator.gather_for_metrics(model(inputs).float()))
+            output, target = accelerator.gather_for_metrics((model(inputs).float(), target))
+        outputs.append(output.cpu())
+        targets.append(target.cpu())
     model.train(was_training)
-    return torch.cat(outputs).cpu()
+    return torch.cat(outputs), torch.cat(targets)
 
 
 @torch.no_grad()
