@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The README's and docs' Python examples run as written; their measured numbers come from committed results."""
 
 from __future__ import annotations
 
@@ -6,18 +6,28 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = sorted((README.parent / "docs").glob("*.md"))
 
 
-def test_readme_python_blocks_run(tmp_path, monkeypatch):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    blocks = [b for b in blocks if not b.startswith("# needs the Hub")]  # exercised by tests/test_hub.py
-    assert len(blocks) >= 2
+def _python_blocks(page: Path) -> list[str]:
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    return [b for b in blocks if not b.startswith("# needs the Hub")]  # exercised by tests/test_hub.py
+
+
+@pytest.mark.parametrize("page", [README, *[d for d in DOCS if _python_blocks(d)]], ids=lambda p: p.name)
+def test_python_blocks_run(page, tmp_path, monkeypatch):
+    """Each page's blocks run in order in one namespace, as a reader would paste them."""
+    blocks = _python_blocks(page)
+    assert blocks
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block.replace("/tmp/merged-sine", str(tmp_path / "merged-sine")), str(README), "exec"), namespace)
-    assert namespace["student"] is not None
+        exec(compile(block.replace("/tmp/merged-sine", str(tmp_path / "merged-sine")), str(page), "exec"), namespace)
+    if page == README:
+        assert len(blocks) >= 2 and namespace["student"] is not None
 
 
 def test_readme_demo_numbers_are_the_committed_demo_results():
@@ -48,9 +58,10 @@ def _floats(value) -> list[float]:
     return []
 
 
-def test_every_measured_number_in_the_readme_comes_from_committed_results():
+def test_every_measured_number_in_the_readme_and_the_benchmarks_page_comes_from_committed_results():
     text = README.read_text()
-    measured = text[text.index("## Benchmarks"):]  # the benchmarks and the Measured sections
+    measured = text[text.index("### Measured"):text.index("## Python API")] + text[text.index("## Results"):text.index("## More")]
+    measured += (README.parent / "docs" / "benchmarks.md").read_text()
     results = README.parent / "benchmarks" / "results"
     corpus = "".join(p.read_text() for p in sorted(results.glob("*.md")) + sorted(results.glob("*.json")))
     corpus += " ".join(f"{f:.4f}" for f in _floats(json.loads((results / "demo.json").read_text())))
