@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import hf_netmerge as hm
 from hf_netmerge.cli import _merge_config, _recipe, build_parser, main
 from hf_netmerge.config import StageConfig
 from hf_netmerge.data import TensorBatchDataset, make_loader
-from hf_netmerge.training import make_accelerator, train_stage
+from hf_netmerge.training import make_accelerator, predict_with_targets, train_stage
 
 from conftest import make_teacher
 
@@ -75,6 +76,8 @@ def test_a_log_file_gets_plain_lines_instead_of_bars(capsys):
     train_stage(hm.models.MLP(hidden_sizes=(4,)), make_loader(data, 16, shuffle=True), StageConfig(epochs=2), task="regression",
                 accelerator=make_accelerator("no"), name="quiet", progress=False)
     assert capsys.readouterr().err == ""
+    predict_with_targets(hm.models.MLP(hidden_sizes=(4,)), make_loader(data, 16, shuffle=False), make_accelerator("no"), progress="student")
+    assert re.fullmatch(r"eval student: 64 examples in \d+\.\d s\n", capsys.readouterr().err)
 
 
 def test_a_log_file_gets_a_line_within_a_long_epoch(capsys, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_netmerge"
 LAYERS = [
-    {"errors", "_version"},
+    {"errors", "_version", "files"},
     {"config", "overrides"},
     {"models"},
     {"spec", "adapters"},

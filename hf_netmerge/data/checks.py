@@ -54,8 +54,6 @@ def check_dataset(dataset: Dataset, task: str, num_classes: int, min_size: int =
         raise DatasetError(f"{label}: regression targets hold NaN or Inf")
 
 
-
-
 def warn_unused_classes(dataset: Dataset, num_classes: int) -> None:
     """Log a warning when the training labels reach fewer classes than the model predicts (e.g. 100-class teachers on
     10-class data): the merge still runs, but the classes the data never shows are only pulled down."""

@@ -423,19 +423,23 @@ def predict(model: nn.Module, loader: Loader, accelerator: Accelerator) -> torch
 def predict_with_targets(model: nn.Module, loader: Loader, accelerator: Accelerator, *,
                          progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All outputs of ``model`` (eval mode, fp32) and the targets over ``loader``, gathered, in loader order, on the CPU.
-    With ``progress`` (a name), a progress bar over the batches when stderr is a terminal."""
+    With ``progress`` (a name), a progress bar over the batches when stderr is a terminal, else one line at the end."""
     was_training = model.training
     model.eval()
     model.to(accelerator.device)
     outputs, targets = [], []
     shown = progress is not None and accelerator.is_local_main_process
-    batches = accelerator.prepare_data_loader(_as_dataloader(loader))
-    for inputs, target in tqdm(batches, desc=f"eval {progress}", unit="batch", leave=False, disable=None if shown else True):
+    start = time.perf_counter()
+    bar = tqdm(accelerator.prepare_data_loader(_as_dataloader(loader)), desc=f"eval {progress}", unit="batch", leave=False,
+               disable=None if shown else True)
+    for inputs, target in bar:
         with accelerator.autocast():
             output, target = accelerator.gather_for_metrics((model(inputs).float(), target))
         outputs.append(output.cpu())
         targets.append(target.cpu())
     model.train(was_training)
+    if shown and bar.disable:  # a log file
+        print(f"eval {progress}: {sum(len(t) for t in targets)} examples in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return torch.cat(outputs), torch.cat(targets)
 
 
