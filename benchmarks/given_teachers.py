@@ -91,7 +91,8 @@ def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig, epochs: list
              f"{recipe.teacher.milestones}, batch {recipe.batch_size}, no augmentation (CPU-sized). Then N extra epochs per "
              f"strategy: continue, distill and weight matching at lr {recipe.merge.finetune_lr or recipe.merge.lr} with a cosine "
              "schedule (distill trains one network per (T, α) of [[2, 0.5], [4, 0.9]] and keeps the better on validation); the "
-             "merges split N into ⌊N/2⌋ gate and the rest fine-tune epochs. Training multiply-adds are relative to continue's "
+             "recommended merge spends ⌊N/4⌋ epochs (at least one) on gates and the rest on fine-tuning, the paper's ⌊N/2⌋. "
+             "Training multiply-adds are relative to continue's "
              "at the same N (the gate stage trains the double-width network; distillation adds the ensemble's forward passes).", ""]
     for n in epochs:
         s = summary[str(n)]
