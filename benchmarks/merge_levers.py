@@ -45,6 +45,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "distill_t4": ("fine-tune KD at T 4, α 0.9", {"distill_temperature": 4.0, "distill_alpha": 0.9}),
     "short_gates": ("¼ of N for gates, ¾ for fine-tuning", {"gate_epochs": "¼"}),
     "finetune_lr_x2": ("fine-tune lr twice the gate stage's", {"finetune_lr": "×2"}),
+    "gate_lr_x3": ("gates' Adam lr 0.3 instead of 0.1 (for short gate stages)", {"gate_lr": 0.3}),
+    "gate_lr_x10": ("gates' Adam lr 1.0 instead of 0.1 (for short gate stages)", {"gate_lr": 1.0}),
 }
 STAGES = ["ensemble", "big_student", "gated_big_student", "student_before_finetune", "student_recalibrated", "student"]
 

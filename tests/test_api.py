@@ -231,3 +231,12 @@ def test_teachers_with_more_classes_than_the_data_reaches_are_a_warning(data, ca
         assert len(Preprocessing.for_model(gray).mean) == 1
         save_network(gray, tmp_path / "gray", preprocessing=Preprocessing.for_model(gray))
     assert "does not match" not in caplog.text
+
+
+def test_evaluating_never_changes_what_trains(teachers, data):
+    """A pass over a DataLoader draws its base seed from the global RNG; evaluation restores it, so the student is the
+    same with or without evaluation data (and whatever number of networks is evaluated)."""
+    config = hm.MergeConfig(**FAST)
+    with_eval = hm.merge_models(*teachers, data[0], data[1], config, run=QUIET).student.state_dict()
+    without = hm.merge_models(*teachers, data[0], None, config, run=QUIET).student.state_dict()
+    assert all(torch.equal(with_eval[k], without[k]) for k in without)

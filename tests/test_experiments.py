@@ -57,9 +57,10 @@ def test_recipe_merge_section_holds_only_the_schedule():
     config = recipe.merge_config(7)
     assert config.seed == 7 and config.task == "regression" and config.batch_size == recipe.batch_size
     assert config.gate_epochs == 150 and config.lambda_growth == 0.05
-    assert set(hm.MergeConfig.run_fields()) == {"task", "batch_size", "mixed_precision", "seed", "image_column", "label_column",
-                                                "image_size", "augment", "num_workers", "gradient_accumulation_steps", "compile",
-                                                "channels_last"}
+    assert set(hm.MergeConfig.run_fields()) == {"task", "batch_size", "eval_batch_size", "eval_max_samples", "mixed_precision", "seed",
+                                                "image_column", "label_column", "image_size", "augment", "num_workers",
+                                                "gradient_accumulation_steps", "compile", "channels_last"}
+    assert config.eval_batch_size == recipe.data.eval_batch_size
 
 
 def test_every_stage_of_a_seed_is_named_with_the_seed_so_tracker_curves_stay_apart():

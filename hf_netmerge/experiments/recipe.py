@@ -176,6 +176,7 @@ class RecipeConfig(TypedConfig):
             **(schedule or self.merge).to_dict(),
             task=self.task,
             batch_size=self.batch_size,
+            eval_batch_size=self.data.eval_batch_size,
             mixed_precision=self.mixed_precision,
             seed=seed,
             image_column=self.data.image_column,

@@ -390,16 +390,18 @@ class _Sums:
 def evaluate(model: nn.Module, loader: Loader, *, task: str, accelerator: Accelerator) -> dict[str, float]:
     """Mean loss (and accuracy for classification, ``mse`` for regression) of ``model`` in eval mode.
 
-    The model's train/eval mode is restored afterwards.
+    The model's train/eval mode is restored afterwards, and so is the global RNG (each pass over a DataLoader draws
+    its base seed from it): how often a network is evaluated never changes what trains next.
     """
     was_training = model.training
     model.eval()
     model.to(accelerator.device)
     sums = _Sums(task)
-    for inputs, targets in accelerator.prepare_data_loader(_as_dataloader(loader)):
-        with accelerator.autocast():
-            output = model(inputs)
-        sums.add(*accelerator.gather_for_metrics((output.float(), targets)))
+    with torch.random.fork_rng(devices=[]):
+        for inputs, targets in accelerator.prepare_data_loader(_as_dataloader(loader)):
+            with accelerator.autocast():
+                output = model(inputs)
+            sums.add(*accelerator.gather_for_metrics((output.float(), targets)))
     model.train(was_training)
     return sums.metrics()
 
@@ -423,7 +425,8 @@ def predict(model: nn.Module, loader: Loader, accelerator: Accelerator) -> torch
 def predict_with_targets(model: nn.Module, loader: Loader, accelerator: Accelerator, *,
                          progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All outputs of ``model`` (eval mode, fp32) and the targets over ``loader``, gathered, in loader order, on the CPU.
-    With ``progress`` (a name), a progress bar over the batches when stderr is a terminal, else one line at the end."""
+    With ``progress`` (a name), a progress bar over the batches when stderr is a terminal, else one line at the end.
+    Like :func:`evaluate`, it leaves the global RNG as it found it."""
     was_training = model.training
     model.eval()
     model.to(accelerator.device)
@@ -432,11 +435,12 @@ def predict_with_targets(model: nn.Module, loader: Loader, accelerator: Accelera
     start = time.perf_counter()
     bar = tqdm(accelerator.prepare_data_loader(_as_dataloader(loader)), desc=f"eval {progress}", unit="batch", leave=False,
                disable=None if shown else True)
-    for inputs, target in bar:
-        with accelerator.autocast():
-            output, target = accelerator.gather_for_metrics((model(inputs).float(), target))
-        outputs.append(output.cpu())
-        targets.append(target.cpu())
+    with torch.random.fork_rng(devices=[]):
+        for inputs, target in bar:
+            with accelerator.autocast():
+                output, target = accelerator.gather_for_metrics((model(inputs).float(), target))
+            outputs.append(output.cpu())
+            targets.append(target.cpu())
     model.train(was_training)
     if shown and bar.disable:  # a log file
         print(f"eval {progress}: {sum(len(t) for t in targets)} examples in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
