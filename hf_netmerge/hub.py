@@ -28,7 +28,7 @@ from torch import nn
 
 from .adapters import architecture_name
 from .data import Preprocessing
-from .data.augment import channel_stats_notice_silenced
+from .data.augment import channel_stats_notice_silenced, input_channels
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -402,13 +402,8 @@ def input_args(model: nn.Module) -> dict[str, Any]:
     """The input channels and fixed image size ``model`` was built with, as ``create_model`` arguments. timm writes
     them into ``model_args`` itself only from 1.0.31 on; before, a 1-channel model's config rebuilt a 3-channel one."""
     args: dict[str, Any] = {}
-    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
-    try:
-        conv = model.get_submodule(first_conv) if first_conv else None
-    except AttributeError:
-        conv = None
-    in_chans = getattr(model, "in_chans", None) or getattr(conv, "in_channels", None)
-    if isinstance(in_chans, int) and in_chans != 3:
+    in_chans = input_channels(model)
+    if in_chans != 3:
         args["in_chans"] = in_chans
     img_size = getattr(model, "img_size", None)
     if isinstance(img_size, (int, tuple, list)):

@@ -226,7 +226,7 @@ def test_teachers_with_more_classes_than_the_data_reaches_are_a_warning(data, ca
         hm.merge_models(a, b, data[0], config=hm.MergeConfig(**{**FAST, "gate_epochs": 1, "finetune_epochs": 0}), run=QUIET)
     assert "the teachers predict 10 classes but the training labels reach only 4" in caplog.text
     caplog.clear()
-    gray = make_teacher("resnet10t", {"num_classes": 4, "in_chans": 1}, 0)
+    gray = timm.create_model("resnet10t", num_classes=4, in_chans=1)
     with caplog.at_level(logging.WARNING):  # timm's averaged-RGB notice: the preprocessing averages them itself
         assert len(Preprocessing.for_model(gray).mean) == 1
         save_network(gray, tmp_path / "gray", preprocessing=Preprocessing.for_model(gray))

@@ -21,6 +21,21 @@ from ..config import AugmentConfig
 SMALL_IMAGE = 64  # below this (CIFAR / MNIST sizes) "auto" pads and crops instead of RandomResizedCrop
 
 
+def input_channels(model: nn.Module) -> int:
+    """The channels ``model`` reads: its ``in_chans``, else the ``in_channels`` of the first conv its ``pretrained_cfg``
+    names (timm before 1.0.31 does not set ``in_chans`` on every model), else 3."""
+    channels = getattr(model, "in_chans", None)
+    if isinstance(channels, int):
+        return channels
+    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    try:
+        conv = model.get_submodule(first_conv) if isinstance(first_conv, str) else None
+    except AttributeError:
+        conv = None
+    channels = getattr(conv, "in_channels", None)
+    return channels if isinstance(channels, int) else 3
+
+
 class _ChannelStatsNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "does not match" not in record.getMessage()
@@ -60,7 +75,7 @@ class Preprocessing:
 
         with channel_stats_notice_silenced():
             cfg = resolve_data_config({"input_size": (3, image_size, image_size)} if image_size else {}, model=model)
-        channels = getattr(model, "in_chans", cfg["input_size"][0])
+        channels = input_channels(model)
         mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
         if len(mean) != channels:  # e.g. a 1-channel model with RGB statistics: their average per channel, as timm does
             mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import AugmentConfig
-from .augment import SMALL_IMAGE, Preprocessing, TensorAugment, image_transforms
+from .augment import SMALL_IMAGE, Preprocessing, TensorAugment, image_transforms, input_channels
 from .checks import check_dataset
 from .datasets import HFImageDataset, TensorBatchDataset, as_torch_dataset, is_hf_dataset
 
@@ -27,7 +27,7 @@ def prepare_dataset(
 ) -> Dataset:
     """``data`` as a checked torch Dataset for ``model`` in its evaluation view: images of a ``datasets.Dataset``
     through timm's eval transform for the model (at ``image_size`` when given), labels in range."""
-    mode = "L" if getattr(model, "in_chans", 3) == 1 else "RGB"
+    mode = "L" if input_channels(model) == 1 else "RGB"
     preprocessing = Preprocessing.for_model(model, image_size) if is_hf_dataset(data) else None
     transform = preprocessing.eval_transform() if preprocessing is not None else None
     dataset = as_torch_dataset(data, image_column, label_column, transform, mode, preprocessing)
