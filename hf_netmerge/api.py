@@ -27,7 +27,6 @@ from .config import MergeConfig
 from .data import (
     Loader,
     Preprocessing,
-    TensorLoader,
     applied_augmentation,
     first_examples,
     make_loader,
@@ -364,10 +363,8 @@ def merge_models(
         image_size=config.image_size,
     )
     train_set = prepare(train_data, min_size=config.batch_size, label="train_data")
-    if eval_data is not None and config.eval_max_samples is not None:
-        eval_data = first_examples(eval_data.dataset if isinstance(eval_data, (DataLoader, TensorLoader)) else eval_data,
-                                   config.eval_max_samples)
-    eval_set = prepare(eval_data, min_size=1, label="eval_data") if eval_data is not None else None
+    eval_set = (first_examples(prepare(eval_data, min_size=1, label="eval_data"), config.eval_max_samples)
+                if eval_data is not None else None)
     preprocessing = getattr(train_set, "preprocessing", None)
     check_teacher_reads(a, train_set, config.task)
     if config.task == "classification":
