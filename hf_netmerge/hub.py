@@ -26,9 +26,9 @@ import torch
 import yaml
 from torch import nn
 
-from .adapters import architecture_name
+from .adapters import architecture_name, input_channels
 from .data import Preprocessing
-from .data.augment import channel_stats_notice_silenced, input_channels
+from .data.augment import channel_stats_notice_silenced
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,

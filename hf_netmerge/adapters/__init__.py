@@ -36,6 +36,21 @@ def architecture_name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
+def input_channels(model: nn.Module) -> int:
+    """The channels ``model`` reads: its ``in_chans``, else the ``in_channels`` of the first conv its ``pretrained_cfg``
+    names (timm before 1.0.31 does not set ``in_chans`` on every model), else 3."""
+    channels = getattr(model, "in_chans", None)
+    if isinstance(channels, int):
+        return channels
+    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    try:
+        conv = model.get_submodule(first_conv) if isinstance(first_conv, str) else None
+    except AttributeError:
+        conv = None
+    channels = getattr(conv, "in_channels", None)
+    return channels if isinstance(channels, int) else 3
+
+
 def declared_spec(model: nn.Module) -> MergeSpec | None:
     """The spec the registered adapter of ``model``'s class declares, or None when there is none (or it declines)."""
     adapter = _ADAPTERS.get(type(model))
@@ -68,4 +83,4 @@ def resolve_spec(model: nn.Module, discover: bool = False) -> MergeSpec:
 
 from . import lenet, mlp, resnet, vgg  # noqa: E402,F401  (register the built-in adapters)
 
-__all__ = ["Adapter", "architecture_name", "declared_spec", "register_adapter", "resolve_spec"]
+__all__ = ["Adapter", "architecture_name", "declared_spec", "input_channels", "register_adapter", "resolve_spec"]

@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import UnsupportedModelError
 from ..spec import CALL, EXACT_WEIGHT_LAYERS, ChannelGroup, Consumer, MergeSpec, common_unit
+from . import input_channels
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
@@ -490,7 +491,7 @@ def _example_inputs(model: nn.Module) -> list[torch.Tensor]:
     """Inputs to trace with: at most 64 px (fast) unless the model fixes its size, then its full size (an Inception
     needs 75 px) in case the small one fails."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    channels, *size = cfg.get("input_size", (getattr(model, "in_chans", 3), 64, 64))
+    channels, *size = cfg.get("input_size", (input_channels(model), 64, 64))
     param = next(model.parameters())
     sizes = [size] if cfg.get("fixed_input_size", False) else [[min(s, 64) for s in size], size]
     return [torch.randn(2, channels, *s, device=param.device, dtype=param.dtype) for s in dict.fromkeys(map(tuple, sizes))]

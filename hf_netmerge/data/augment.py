@@ -16,24 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..adapters import input_channels
 from ..config import AugmentConfig
 
 SMALL_IMAGE = 64  # below this (CIFAR / MNIST sizes) "auto" pads and crops instead of RandomResizedCrop
-
-
-def input_channels(model: nn.Module) -> int:
-    """The channels ``model`` reads: its ``in_chans``, else the ``in_channels`` of the first conv its ``pretrained_cfg``
-    names (timm before 1.0.31 does not set ``in_chans`` on every model), else 3."""
-    channels = getattr(model, "in_chans", None)
-    if isinstance(channels, int):
-        return channels
-    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
-    try:
-        conv = model.get_submodule(first_conv) if isinstance(first_conv, str) else None
-    except AttributeError:
-        conv = None
-    channels = getattr(conv, "in_channels", None)
-    return channels if isinstance(channels, int) else 3
 
 
 class _ChannelStatsNotice(logging.Filter):

@@ -7,8 +7,9 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..adapters import input_channels
 from ..config import AugmentConfig
-from .augment import SMALL_IMAGE, Preprocessing, TensorAugment, image_transforms, input_channels
+from .augment import SMALL_IMAGE, Preprocessing, TensorAugment, image_transforms
 from .checks import check_dataset
 from .datasets import HFImageDataset, TensorBatchDataset, as_torch_dataset, is_hf_dataset
 
