@@ -10,12 +10,18 @@ teacher), ``continue``, ``distill``, ``weight_matching`` (BatchNorm recomputed),
 schedule: the recipe's ``merge``), ``student_paper`` (the paper's schedule) and the ``ensemble``. Every choice is made
 on the validation split. Each (seed, N) is cached, so an interrupted run resumes. Writes ``<name>.json``,
 ``<name>.md`` and ``<name>.png`` (test accuracy against N) into ``benchmarks/results/``.
+
+``--rerun student`` reruns only the named strategies with today's code and recipe on the committed ``<name>.json``'s
+teachers (from its cache under ``--work-dir``, else trained again with its recipe and checked to score the same) and
+replaces their rows there; the other rows, the winner's choice
+among all rows and both commands are kept in the result.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -40,25 +46,44 @@ def budgets(recipe: RecipeConfig, fractions: list[float]) -> list[int]:
     return sorted({max(2, round(f * recipe.teacher.epochs)) for f in fractions})
 
 
-def job(seed: int, recipe: RecipeConfig, epochs: list[int], work: str) -> dict:
-    """One seed: the teachers (trained once, checkpointed), then one comparison per N (each cached as JSON)."""
+def job(seed: int, recipe: RecipeConfig, epochs: list[int], work: str, teacher_recipe: RecipeConfig | None = None,
+        rerun: list[str] | None = None) -> dict:
+    """One seed: the teachers (trained once, checkpointed, by ``teacher_recipe`` when given), then one comparison per N
+    (each cached as JSON; with ``rerun``, of those strategies only, cached beside the full one under a digest)."""
     root = Path(work) / f"seed{seed}"
-    teachers = run_seed(recipe, seed, strategies=[STRATEGIES["ensemble"].from_recipe(recipe)],
+    teachers = run_seed(teacher_recipe or recipe, seed, strategies=[STRATEGIES["ensemble"].from_recipe(recipe)],
                         checkpoints=CheckpointDir(root / "checkpoints"), progress=False).teachers
     data = load_data(recipe.data.dataset)
     train = first_examples(data.train, recipe.data.max_train_samples)
     test = first_examples(data.eval, recipe.data.max_test_samples)
     out = {"seed": seed}
+    tag = "" if rerun is None else "-rerun-" + hashlib.sha256(json.dumps([rerun, recipe.to_dict()], sort_keys=True).encode()).hexdigest()[:12]
     for n in epochs:
-        path = root / f"n{n}.json"
+        path = root / f"n{n}{tag}.json"
         if not path.is_file():
-            comparison = hm.compare_models(*teachers, train, test, epochs=n, config=recipe.merge_config(seed),
+            comparison = hm.compare_models(*teachers, train, test, epochs=n, config=recipe.merge_config(seed), strategies=rerun,
                                            val_fraction=recipe.data.val_fraction, dataset_name=data.name, progress=False)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(comparison.record()))
             os.replace(tmp, path)
         out[str(n)] = json.loads(path.read_text())
     return out
+
+
+def replaced(old: dict, new: dict, strategies: list[str]) -> dict:
+    """Comparison record ``old`` with the rows and details of ``strategies`` taken from ``new`` (a rerun of them alone);
+    the winner is chosen again among all rows on validation. Refuses teachers that score otherwise than the committed
+    ones (a cache lost and the teachers retrained differently would mix two experiments in one table)."""
+    scores = [(record["details"]["teacher_a"], record["details"]["teacher_b"]) for record in (old, new)]
+    if scores[0] != scores[1]:
+        raise SystemExit(f"the rerun's teachers score {scores[1]} on the test split, the committed ones {scores[0]}: not the same teachers")
+    rows = {row["strategy"]: row for row in old["rows"]}
+    rows.update({row["strategy"]: row for row in new["rows"] if row["strategy"] in strategies})
+    eligible = [row for row in rows.values() if row["eligible"]]
+    best = max if new["metric"] == "accuracy" else min
+    return {**old, "rows": list(rows.values()), "details": {**old["details"], **new["details"]},
+            "winner": best(eligible, key=lambda row: row["validation"])["strategy"], "merge_config": new["merge_config"],
+            "preset": new["preset"]}
 
 
 def summarize(runs: list[dict], epochs: list[int]) -> dict:
@@ -81,11 +106,16 @@ def summarize(runs: list[dict], epochs: list[int]) -> dict:
     return summary
 
 
-def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig, epochs: list[int]) -> str:
+def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig, epochs: list[int], extra: dict) -> str:
     n_seeds = len(runs)
     train = recipe.data.max_train_samples or "all"
+    commands = [f"Command: `{command()}`"]
+    if extra:
+        commands = [f"Command: `{extra['first_command']}`, then `{command()}`: the rows {', '.join(extra['rerun']['strategies'])} "
+                    f"rerun on the same teachers with the merge settings {extra['rerun']['merge_changes']}; every other row is "
+                    "the first run's."]
     lines = [f"# Given converged teachers: {recipe.architecture} on {recipe.data.dataset}, N more epochs ({n_seeds} seeds, "
-             f"{machine()['cpu']}, 1 thread per seed)", "", f"Command: `{command()}`", "",
+             f"{machine()['cpu']}, 1 thread per seed)", "", *commands, "",
              f"Data: {train} training images, {recipe.data.val_fraction:.0%} of them held out for every choice; test: the "
              f"{recipe.data.dataset} test split. Teachers: {recipe.teacher.epochs} epochs each, lr {recipe.teacher.lr} ÷10 at "
              f"{recipe.teacher.milestones}, batch {recipe.batch_size}, no augmentation (CPU-sized). Then N extra epochs per "
@@ -161,19 +191,40 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-given-teachers")
     parser.add_argument("--name", help="stem of the result files (default: the recipe's name)")
+    parser.add_argument("--rerun", nargs="+", choices=ROWS[1:-1] + ["ensemble"], metavar="STRATEGY",
+                        help="rerun only these strategies on the committed result's teachers and replace their rows")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
-    epochs = budgets(recipe, args.fractions)
     name = args.name or recipe.name.replace("-", "_")
-    settings = {"recipe": recipe.to_dict(), "epochs": epochs, "hf_netmerge": hm.__version__}
-    work = cache_dir(args.work_dir, settings)
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    runs = pool_seeds(functools.partial(job, recipe=recipe, epochs=epochs, work=str(work)), seeds, args.work_dir, args.workers, settings)
+    extra: dict = {}
+    if args.rerun:
+        committed = json.loads((RESULTS / f"{name}.json").read_text())
+        base = RecipeConfig.from_dict(committed["recipe"])
+        epochs, seeds = committed["epochs"], [run["seed"] for run in committed["runs"]]
+        settings = {"recipe": committed["recipe"], "epochs": epochs, "hf_netmerge": hm.__version__}
+        rerun_settings = {**settings, "rerun": args.rerun, "rerun_recipe": recipe.to_dict()}
+        work = cache_dir(args.work_dir, settings)
+        fresh = pool_seeds(functools.partial(job, recipe=recipe, epochs=epochs, work=str(work), teacher_recipe=base, rerun=args.rerun),
+                           seeds, args.work_dir, args.workers, rerun_settings)
+        by_seed = {run["seed"]: run for run in fresh}
+        runs = [{"seed": run["seed"], **{str(n): replaced(run[str(n)], by_seed[run["seed"]][str(n)], args.rerun) for n in epochs}}
+                for run in committed["runs"]]
+        changes = {k: v for k, v in recipe.merge.to_dict().items() if committed["recipe"]["merge"].get(k) != v}
+        extra = {"first_command": committed.get("first_command", committed["command"]),
+                 "rerun": {"strategies": args.rerun, "merge_changes": changes}}
+        recipe, recipe_record = base, committed["recipe"]
+    else:
+        epochs = budgets(recipe, args.fractions)
+        settings = {"recipe": recipe.to_dict(), "epochs": epochs, "hf_netmerge": hm.__version__}
+        work = cache_dir(args.work_dir, settings)
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+        runs = pool_seeds(functools.partial(job, recipe=recipe, epochs=epochs, work=str(work)), seeds, args.work_dir, args.workers, settings)
+        recipe_record = recipe.to_dict()
     summary = summarize(runs, epochs)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command(), "machine": machine(), "recipe": recipe.to_dict(),
+    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command(), **extra, "machine": machine(), "recipe": recipe_record,
                                                        "epochs": epochs, "summary": summary, "runs": runs}, indent=1))
-    (RESULTS / f"{name}.md").write_text(markdown(summary, runs, recipe, epochs))
+    (RESULTS / f"{name}.md").write_text(markdown(summary, runs, recipe, epochs, extra))
     plot(summary, epochs, RESULTS / f"{name}.png",
          f"{recipe.architecture} on {recipe.data.dataset}: given teachers + N epochs ({len(runs)} seeds)")
     print((RESULTS / f"{name}.md").read_text())

@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # name → (what changes against the recipe's merge schedule, in words; the changes). The recipe's schedule is the
 # recommended one (MergeSchedule's defaults) with the recipe's stage lengths and learning rates.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "recommended": ("MergeSchedule() defaults: λ quadratic per step 0.05 → 20, BN recalibration, fine-tune cosine + ensemble KD (α 0.5, T 2)", {}),
+    "recommended": ("MergeSchedule() defaults: λ quadratic per step 0.05 → 20, gates closed on a cubic schedule from ¼, the better "
+                    "teacher's gates 1.0 ahead, BN recalibration, fine-tune cosine + ensemble KD (α 0.5, T 2)", {}),
+    "no_closing": ("no gate closing and no head start (the default before them)", {"gate_closing": "none", "gate_head_start": 0.0}),
     "paper": ("the paper's schedule (λ per epoch from 0.5, growth 2.0; no recalibration, no KD, fine-tune ÷10 at ¾)",
               {"preset": "paper", "lambda_init": 0.5, "lambda_growth": 2.0}),
     "no_distill": ("fine-tuning on the labels alone (distill_alpha 0)", {"distill_alpha": 0.0}),
@@ -47,6 +49,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "finetune_lr_x2": ("fine-tune lr twice the gate stage's", {"finetune_lr": "×2"}),
     "gate_lr_x3": ("gates' Adam lr 0.3 instead of 0.1 (for short gate stages)", {"gate_lr": 0.3}),
     "gate_lr_x10": ("gates' Adam lr 1.0 instead of 0.1 (for short gate stages)", {"gate_lr": 1.0}),
+    "closing": ("lowest-scored gates held closed on a cubic schedule from ¼ of the gate stage (all removed ones by its end), "
+                "no head start", {"gate_closing": "cubic", "gate_head_start": 0.0}),
+    "closing_head_start": ("closing, and the better teacher's gates start 1.0 higher in log α", {"gate_closing": "cubic", "gate_head_start": 1.0}),
+    "closing_head_start_2": ("closing, and the better teacher's gates start 2.0 higher in log α", {"gate_closing": "cubic", "gate_head_start": 2.0}),
 }
 STAGES = ["ensemble", "big_student", "gated_big_student", "student_before_finetune", "student_recalibrated", "student"]
 

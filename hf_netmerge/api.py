@@ -36,7 +36,7 @@ from .data import (
     warn_unused_classes,
 )
 from .errors import DataModelMismatchError, UnsupportedModelError
-from .gates import GatedModel, GateRegularizer, GroupStats, LambdaSchedule, add_gates, gates_removed
+from .gates import ClosingSchedule, GatedModel, GateRegularizer, GroupStats, LambdaSchedule, add_gates, gates_removed
 from .hub import TeacherInfo, load_teacher, push_folder, save_student
 from .spec import MergeSpec
 from .surgery import select_model, widen_model
@@ -45,6 +45,7 @@ from .training import (
     MeanEnsemble,
     StageJob,
     StageReport,
+    evaluate,
     Trainer,
     make_accelerator,
     on_main_process,
@@ -57,9 +58,9 @@ from .training import (
 from .training.checkpoint import CheckpointDir, weights_digest
 from .validation import check_output_dir, check_teachers, teacher_key
 
-RECORD_VERSION = 7  # 2: the record names its datasets (the card is rendered from it); 3: and the preprocessing; 4: its license;
+RECORD_VERSION = 8  # 2: the record names its datasets (the card is rendered from it); 3: and the preprocessing; 4: its license;
 # 5: any number of teachers (gate_stats' kept_per_teacher), gate units and exact_compression; 6: the preset, undecided gates;
-# 7: the number of evaluation examples behind the metrics and the augmentation that ran
+# 7: the number of evaluation examples behind the metrics and the augmentation that ran; 8: the teacher given the gates' head start
 UNDECIDED_WARNING = 0.05  # above this share of undecided gates at the end of the gate stage, the log warns
 logger = logging.getLogger("hf_netmerge")
 
@@ -147,6 +148,7 @@ class MergeResult:
     stages: list[StageReport]
     final_lambda: float
     undecided_gates: float = 0.0
+    head_start_teacher: int | None = None
     function_gap: dict[str, float] = field(default_factory=dict)
     eval_examples: int = 0
     augmentation: dict[str, Any] = field(default_factory=dict)
@@ -179,6 +181,7 @@ class MergeResult:
             "gate_stats": [s.to_dict() for s in self.gate_stats],
             "final_lambda": self.final_lambda,
             "undecided_gates": self.undecided_gates,
+            "head_start_teacher": self.head_start_teacher,
             "metrics": self.metrics,
             "eval_examples": self.eval_examples,
             "augmentation": self.augmentation,
@@ -389,12 +392,20 @@ def merge_models(
     metrics["ensemble"] = evals.mean_of([teacher_key(i) for i in range(len(teachers))])
     metrics["big_student"] = evals.measure("big_student", big)
     gated = add_gates(big, config.gate_init_mean, config.gate_init_std, noise_seed=config.seed)
-    regularizer = GateRegularizer(gated, LambdaSchedule.from_config(config), config.gate_lr)
+    head_start = None
+    if config.gate_head_start > 0:  # ranked on training examples: the evaluation data (maybe a test set) never steers training
+        recalibration = _recalibration_loader(plain_train, config)
+        scores = [evaluate(t, recalibration, task=config.task, accelerator=accelerator) for t in teachers]
+        losses = [s.get("loss", s.get("mse")) for s in scores]  # a regression's loss is its mse
+        head_start = min(range(len(teachers)), key=losses.__getitem__)
+        gated.give_head_start(head_start, config.gate_head_start)
+    regularizer = GateRegularizer(gated, LambdaSchedule.from_config(config), config.gate_lr, ClosingSchedule.from_config(config))
     job = functools.partial(StageJob, loader=train_loader, task=config.task, accelerator=accelerator, compile_mode=config.compile,
                             channels_last=config.channels_last, progress=run.progress)
     stages = run.trainer([job(gated, stage=config.gate_stage(), name=f"{run.stage_prefix}gates", regularizer=regularizer,
                               distillation=ensemble_targets(config.gate_distill_alpha), checkpoint=checkpoints("gates"))])
     final_lambda = stages[0].history[-1]["lambda"]
+    regularizer.prepare(config.gate_epochs)  # the closing schedule's end (the last step came just before it)
     undecided = gated.undecided_fraction()
     if undecided > UNDECIDED_WARNING:
         logger.warning("%.1f%% of the gates are undecided (P[g>0] in (0.1, 0.9)) at the end of the gate stage (λ %.3g): "
@@ -426,6 +437,7 @@ def merge_models(
         stages=stages,
         final_lambda=final_lambda,
         undecided_gates=undecided,
+        head_start_teacher=head_start,
         function_gap=gap,
         eval_examples=len(eval_set) if eval_set is not None else 0,
         augmentation=augmentation,

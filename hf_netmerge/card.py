@@ -65,6 +65,12 @@ def _schedule(record: dict[str, Any]) -> str:
         lam = f"λ from {cfg['lambda_init']} growing by {_fmt(cfg['lambda_growth'])}·√λ per epoch"
     else:
         lam = f"λ moved step by step ({cfg['lambda_schedule']}) from {cfg['lambda_init']} to {cfg['lambda_final']}"
+    closing = (f"; the lowest-scored gates were held closed on a cubic schedule from {cfg['closing_start']} of the stage, "
+               "all but the kept ones by its end" if cfg.get("gate_closing", "none") == "cubic" else "")
+    head = record.get("head_start_teacher")
+    if head is not None:
+        closing += (f"; the gates of {teacher_label(head)} (lowest loss on up to "
+                    f"{cfg['recalibration_samples']} training examples) started {cfg['gate_head_start']} higher in log α")
     gate_kd = (f"; the gate stage also distilled the teachers' ensemble (α {cfg['gate_distill_alpha']}, T {cfg['distill_temperature']})"
                if cfg["gate_distill_alpha"] > 0 else "")
     recal = ("BatchNorm statistics recomputed after compression on up to "
@@ -73,7 +79,7 @@ def _schedule(record: dict[str, Any]) -> str:
           if cfg["distill_alpha"] > 0 else "on the labels alone")
     undecided = record.get("undecided_gates", 0.0)
     return (f"Schedule: **{record.get('preset', 'custom')}** preset. Gate stage: weights SGD lr {cfg['lr']} (momentum "
-            f"{cfg['momentum']}), gates Adam lr {cfg['gate_lr']}; {lam}, ending at **{_fmt(record['final_lambda'])}**{gate_kd}; "
+            f"{cfg['momentum']}), gates Adam lr {cfg['gate_lr']}; {lam}, ending at **{_fmt(record['final_lambda'])}**{closing}{gate_kd}; "
             f"{100 * undecided:.1f}% of the gates undecided (P[g>0] in (0.1, 0.9)) at its end. Then {recal}; fine-tuning "
             f"{cfg['finetune_schedule']} schedule, {kd}.")
 

@@ -167,7 +167,8 @@ def _compare(args: argparse.Namespace) -> int:
     data, config, train = _inputs(args)
     comparison = compare_models(args.teachers[0], args.teachers[1], train, data.eval, epochs=args.epochs, config=config,
                                 val_fraction=args.val_fraction, load=LoadOptions(architecture=args.architecture, allow_pickle=args.allow_pickle),
-                                dataset_name=data.name, output=args.output_dir, overwrite=args.overwrite, progress=not args.no_progress)
+                                dataset_name=data.name, output=args.output_dir, overwrite=args.overwrite, progress=not args.no_progress,
+                                strategies=args.strategies)
     print(comparison.table())
     if args.output_dir:
         print(f"saved {comparison.winner} to {args.output_dir}")
@@ -299,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--dataset", required=True, help=DATASET_HELP)
     compare.add_argument("--epochs", type=_positive, required=True, help="the extra epochs every alternative gets (at least 2)")
     compare.add_argument("--output-dir", help="where the winner is saved (timm layout + a card with the whole table)")
+    compare.add_argument("--strategies", nargs="+", metavar="NAME", help="run only these alternatives (continue, distill, "
+                         "weight_matching, student, student_paper, ensemble; default all; keep is always scored)")
     compare.add_argument("--val-fraction", type=float, default=0.1, help="share of the training split every choice is made on (0.1)")
     compare.add_argument("--config", help="a MergeConfig YAML file (the merge's schedule; batch size, precision, augmentation for all)")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one MergeConfig field (see --list-keys)")

@@ -20,6 +20,7 @@ MixedPrecision = Literal["no", "bf16", "fp16"]
 CompileMode = Literal["no", "default", "reduce-overhead", "max-autotune"]
 LrSchedule = Literal["step", "cosine"]
 LambdaShape = Literal["per_epoch", "quadratic", "linear", "exponential"]
+GateClosing = Literal["none", "cubic"]
 
 C = TypeVar("C", bound="TypedConfig")
 S = TypeVar("S", bound="MergeSchedule")
@@ -230,6 +231,13 @@ class MergeSchedule(TypedConfig):
     ``per_epoch`` is the paper's own rule, λ ← λ + ``lambda_growth``·√λ after every epoch. With
     ``gate_distill_alpha`` > 0 the gate stage also learns from the teachers' ensemble (distillation at
     ``distill_temperature``), so the gated big student stays near the ensemble while the gates close.
+    ``gate_closing: cubic`` holds the lowest-scored gates of every group closed for good, more and more of them on
+    a cubic schedule (Zhu & Gupta 2017) from ``closing_start`` of the gate stage to its end, where all but the kept
+    1/k are closed: the big student learns without the channels compression will remove, and compression removes
+    no open gate (with ``none``, a group can end with more than half of its gates open). ``gate_head_start`` > 0
+    adds that much to the initial ``log_alpha`` of the better teacher's gates (lowest loss on the recalibration
+    examples: training data, so the evaluation data never steers training): the selection starts from that teacher's whole function and keeps the
+    other's channels where training ranks them higher.
     After compression, ``recalibrate_norms`` recomputes the student's BatchNorm statistics on up to
     ``recalibration_samples`` training examples (the kept channels' statistics were those of a different
     network). Fine-tuning uses ``finetune_lr`` (``lr`` if unset) under ``finetune_schedule`` (``cosine`` to zero,
@@ -257,6 +265,9 @@ class MergeSchedule(TypedConfig):
     lambda_init: float = 0.05
     lambda_final: float = 20.0
     lambda_growth: float = 0.05
+    gate_closing: GateClosing = "cubic"
+    closing_start: float = 0.25
+    gate_head_start: float = 1.0
     max_grad_norm: float | None = None
     gate_distill_alpha: float = 0.0
     distill_alpha: float = 0.5
@@ -276,6 +287,8 @@ class MergeSchedule(TypedConfig):
         require(self.lambda_init > 0, f"lambda_init must be > 0, got {self.lambda_init}")
         require(self.lambda_final > 0, f"lambda_final must be > 0, got {self.lambda_final}")
         require(self.lambda_growth >= 0, f"lambda_growth must be >= 0, got {self.lambda_growth}")
+        require(self.gate_head_start >= 0, f"gate_head_start must be >= 0, got {self.gate_head_start}")
+        require(0 <= self.closing_start < 1, f"closing_start must be in [0, 1), got {self.closing_start}")
         require(self.recalibration_samples >= 1, f"recalibration_samples must be >= 1, got {self.recalibration_samples}")
         require(self.finetune_schedule == "step" or not self.finetune_milestones,
                 f"finetune_milestones {self.finetune_milestones} need finetune_schedule: step (the {self.finetune_schedule!r} "
@@ -332,6 +345,8 @@ PAPER_SCHEDULE: dict[str, Any] = {
     "lambda_schedule": "per_epoch",
     "lambda_init": 0.01,
     "lambda_growth": 0.05,
+    "gate_closing": "none",
+    "gate_head_start": 0.0,
     "finetune_schedule": "step",
     "gate_distill_alpha": 0.0,
     "distill_alpha": 0.0,
@@ -339,7 +354,7 @@ PAPER_SCHEDULE: dict[str, Any] = {
     "recalibrate_norms": False,
 }
 # The fields that tell the presets apart (how λ moves and which recovery levers run), for preset_name.
-METHOD_FIELDS = frozenset({"lambda_schedule", "finetune_schedule", "gate_distill_alpha", "distill_alpha", "recalibrate_norms"})
+METHOD_FIELDS = frozenset({"lambda_schedule", "gate_closing", "gate_head_start", "finetune_schedule", "gate_distill_alpha", "distill_alpha", "recalibrate_norms"})
 PRESETS: dict[str, dict[str, Any]] = {
     "recommended": {k: v for k, v in MergeSchedule().to_dict().items() if k in METHOD_FIELDS},
     "paper": PAPER_SCHEDULE,

@@ -32,6 +32,8 @@ ZETA = 1.1
 _LOG_RATIO = math.log(-GAMMA / ZETA)
 _EPS = 1e-6
 UNDECIDED = (0.1, 0.9)  # a gate whose P[g>0] lies strictly between these has not polarized
+# A gate held closed: its samples, eval value and P[g>0] are 0 (P < 1e-21) and no gradient reaches it, so it stays closed.
+CLOSED_LOG_ALPHA = -50.0
 
 
 @runtime_checkable
@@ -105,6 +107,13 @@ class HardConcreteGate(nn.Module):
     def scores(self) -> torch.Tensor:
         """Channel importance for compression: ``log_alpha``."""
         return self.log_alpha
+
+    def close_lowest(self, count: int) -> None:
+        """Hold the ``count`` lowest-scored units closed (those closed already count): their ``log_alpha`` becomes
+        :data:`CLOSED_LOG_ALPHA`. The state is ``log_alpha`` itself, so a checkpoint resumes it."""
+        with torch.no_grad():
+            if count > int((self.log_alpha <= CLOSED_LOG_ALPHA).sum()):
+                self.log_alpha[torch.argsort(self.log_alpha, stable=True)[:count]] = CLOSED_LOG_ALPHA
 
     def value(self, batch: int) -> torch.Tensor:
         """This pass's gate: the ``(batch, size)`` sample in training (drawn once per pass), ``(1, size)`` in eval."""
@@ -375,6 +384,18 @@ class GatedModel(nn.Module):
         terms = [(target - gate.prob_open().mean()) ** 2 for gate in self.gates.values()]
         return torch.stack(terms).sum()
 
+    def give_head_start(self, teacher: int, margin: float) -> None:
+        """Add ``margin`` to the ``log_alpha`` of teacher ``teacher``'s units in every hard-concrete gate."""
+        with torch.no_grad():
+            for gate in self._noisy:
+                gate.log_alpha.view(self.teachers, -1)[teacher] += margin
+
+    def close(self, fraction: float) -> None:
+        """Hold closed ``fraction`` of the units each group's compression removes (the lowest-scored of every
+        hard-concrete gate): at 1, only the kept ``1/k`` are open."""
+        for gate in self._noisy:
+            gate.close_lowest(round(fraction * (gate.size - gate.size // self.teachers)))
+
     def undecided_fraction(self) -> float:
         """The share of all gate values whose P[g>0] lies in (0.1, 0.9): how far the gates are from polarized."""
         with torch.no_grad():
@@ -514,14 +535,37 @@ def _grown(initial: float, growth: float, epochs: int) -> float:
     return value
 
 
+@dataclass(frozen=True)
+class ClosingSchedule:
+    """The share of the gates to be removed that are held closed, as a function of the gate stage's progress: 0 until
+    ``start`` (a fraction of the stage), then ``1 − (1 − t)³`` over the rest (Zhu & Gupta's gradual pruning), 1 at
+    the end. Stateless: a resumed stage recomputes it."""
+
+    start: float = 0.25
+    epochs: int = 1
+
+    def at(self, epoch: float) -> float:
+        """The share held closed after ``epoch`` (fractional) epochs."""
+        t = min(max((epoch / self.epochs - self.start) / (1.0 - self.start), 0.0), 1.0)
+        return 1.0 - (1.0 - t) ** 3
+
+    @classmethod
+    def from_config(cls, config: MergeSchedule) -> ClosingSchedule | None:
+        """The schedule of ``config.gate_closing`` over its gate stage (None for ``none``)."""
+        return cls(config.closing_start, config.gate_epochs) if config.gate_closing == "cubic" else None
+
+
 class GateRegularizer:
     """The gate stage's extra objective: ``λ·half_penalty``, with its λ schedule, gate parameters and their
-    optimizer (Adam at a constant ``lr``, no weight decay, fp32 gates)."""
+    optimizer (Adam at a constant ``lr``, no weight decay, fp32 gates); with a ``closing`` schedule it also holds
+    the lowest-scored gates closed, step by step (:meth:`prepare`)."""
 
-    def __init__(self, gated: GatedModel, schedule: LambdaSchedule, lr: float = 0.1) -> None:
+    def __init__(self, gated: GatedModel, schedule: LambdaSchedule, lr: float = 0.1, closing: ClosingSchedule | None = None) -> None:
         self.gated = gated
         self.schedule = schedule
         self.lr = lr
+        self.closing = closing
+        self.prepares_model = closing is not None
 
     def parameters(self) -> list[nn.Parameter]:
         """The gates' parameters: the runner keeps them out of the weights' optimizer."""
@@ -538,6 +582,11 @@ class GateRegularizer:
     def weight(self, epoch: float) -> float:
         """λ at ``epoch`` (fractional) epochs into the stage."""
         return self.schedule.at(epoch)
+
+    def prepare(self, epoch: float) -> None:
+        """Before the step at ``epoch`` (fractional) epochs: close the gates the closing schedule has reached."""
+        if self.closing is not None:
+            self.gated.close(self.closing.at(epoch))
 
     def log(self) -> dict[str, float]:
         """The penalty, each group's mean P[g>0] and the share of undecided gates, for trackers."""

@@ -165,7 +165,7 @@ def test_every_network_is_evaluated_once_on_at_most_eval_max_samples(teachers, d
         return original(self, x)
 
     monkeypatch.setattr(type(a), "forward", counting)
-    config = hm.MergeConfig(**{**FAST, "distill_alpha": 0.0}, eval_max_samples=12)
+    config = hm.MergeConfig(**{**FAST, "distill_alpha": 0.0}, gate_head_start=0.0, eval_max_samples=12)  # no ranking pass on training examples
     result = hm.merge_models(a, b, data[0], data[1], config, run=QUIET)
     assert seen["eval"] == 2 + 12  # the data check's two examples, then one pass over the 12
     assert result.record()["eval_examples"] == 12 and "On 12 evaluation examples." in result.model_card()

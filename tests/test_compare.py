@@ -52,7 +52,17 @@ def test_compare_trains_every_alternative_and_saves_the_validation_winner(tmp_pa
         assert torch.equal(v, before[k])
 
 
-@pytest.mark.parametrize("kwargs,error", [({"epochs": 1}, hm.ConfigError), ({"epochs": 2, "val_fraction": 1.0}, hm.ConfigError)])
+def test_a_subset_of_strategies_runs_only_those_and_keep(tmp_path):
+    a, b = make_teacher("netmerge_lenet_bn", LENET, 0), make_teacher("netmerge_lenet_bn", LENET, 1)
+    result = hm.compare_models(a, b, _images(160, 0), _images(64, 1), epochs=2, config=CONFIG, strategies=["student", "continue"],
+                               progress=False)
+    assert [r.strategy for r in result.rows] == ["keep", "continue", "student"]
+    assert result.winner in ("keep", "continue", "student") and "student_validation" in result.details
+
+
+@pytest.mark.parametrize("kwargs,error", [({"epochs": 1}, hm.ConfigError), ({"epochs": 2, "val_fraction": 1.0}, hm.ConfigError),
+                                          ({"epochs": 2, "strategies": ["merge"]}, hm.ConfigError),
+                                          ({"epochs": 2, "strategies": ["keep"]}, hm.ConfigError)])
 def test_bad_budgets_are_refused_before_anything_is_written(tmp_path, kwargs, error):
     a, b = make_teacher("netmerge_lenet_bn", LENET, 0), make_teacher("netmerge_lenet_bn", LENET, 1)
     with pytest.raises(error):

@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard
 import hf_netmerge as hm
 from hf_netmerge.config import MergeSchedule
 from hf_netmerge.data import TensorBatchDataset
+from hf_netmerge.gates import CLOSED_LOG_ALPHA, ClosingSchedule, GateRegularizer, LambdaSchedule
 from hf_netmerge.experiments import load_recipe
 from hf_netmerge.training import DistillationLoss, train_sequentially
 
@@ -134,3 +135,70 @@ def test_the_papers_recipes_run_the_papers_schedule_and_the_given_teachers_recip
     assert load_recipe("lenet-bn-fashion-mnist-given").merge.preset_name() == "recommended"
     saved = yaml.safe_load(MergeSchedule.paper().to_yaml())
     assert MergeSchedule.from_dict(saved) == MergeSchedule.paper()  # a saved preset reloads as itself
+
+
+def test_closing_schedule_is_cubic_from_its_start_and_complete_at_the_end():
+    schedule = ClosingSchedule(start=0.25, epochs=4)
+    assert schedule.at(0.0) == schedule.at(1.0) == 0.0 and schedule.at(4.0) == 1.0
+    assert schedule.at(2.5) == pytest.approx(1 - 0.5**3)  # halfway through the closing
+    values = [schedule.at(e / 10) for e in range(41)]
+    assert values == sorted(values)
+
+
+def test_a_closed_gate_is_zero_in_training_and_eval_and_gets_no_gradient(teachers):
+    gated = hm.add_gates(hm.concatenate(*teachers))
+    gated.close(1.0)
+    gated.train()
+    out = gated(_images(16, 0).inputs)
+    out.square().mean().backward()
+    for gate in gated.gates.values():
+        closed = gate.log_alpha <= CLOSED_LOG_ALPHA
+        assert int(closed.sum()) == gate.size // 2  # all the units compression removes, no more
+        assert (gate.eval_value()[closed] == 0).all() and (gate.prob_open()[closed] < 1e-20).all()
+        assert (gate.log_alpha.grad[closed] == 0).all() and gate.log_alpha.grad[~closed].abs().sum() > 0
+
+
+@pytest.mark.parametrize("closing", ["cubic", "none"])
+def test_closing_makes_compression_remove_only_closed_gates(teachers, closing):
+    """Gates that start wide open stay open without closing, and compression then cuts channels the big student uses;
+    with closing every group ends with exactly the kept half open and the student computes what the gated big student did."""
+    config = hm.MergeConfig(**FAST, gate_init_mean=8.0, gate_closing=closing)
+    result = hm.merge_models(*teachers, _images(64, 0), _images(32, 1), config, run=hm.RunOptions(progress=False))
+    halves = [s.open_fraction == 0.5 for s in result.gate_stats]
+    assert all(halves) == (closing == "cubic")
+    assert (result.function_gap["max_abs"] < 1e-4) == (closing == "cubic")
+
+
+def _labelled_by(teacher: torch.nn.Module) -> TensorBatchDataset:
+    """Inputs like those the teachers' statistics came from, labelled by ``teacher``'s own predictions."""
+    inputs = torch.randn(96, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
+    with torch.no_grad():
+        return TensorBatchDataset(inputs, teacher(inputs).argmax(1))
+
+
+@pytest.mark.parametrize("better", [0, 1])
+def test_head_start_keeps_the_better_teachers_channels(teachers, better, tmp_path):
+    """Labels are one teacher's own predictions, so it has the lower loss; a large head start for its gates makes
+    closing remove the other teacher's channels first, in every group (without it, the groups keep channels of both)."""
+    data = _labelled_by(teachers[better])
+    for head_start in (20.0, 0.0):
+        config = hm.MergeConfig(**FAST, gate_closing="cubic", gate_head_start=head_start)
+        result = hm.merge_models(*teachers, data, data, config, run=hm.RunOptions(progress=False))
+        from_better = [s.kept_per_teacher[better] == s.kept for s in result.gate_stats]
+        assert all(from_better) == (head_start > 0)
+        assert result.head_start_teacher == (better if head_start > 0 else None)
+    record = json.loads((result.save_pretrained(tmp_path / "s") / "netmerge_config.json").read_text())
+    assert record["head_start_teacher"] is None and record["merge_config"]["gate_head_start"] == 0.0
+
+
+def test_head_start_without_evaluation_data_ranks_the_teachers_on_training_examples(teachers):
+    config = hm.MergeConfig(**FAST, gate_closing="cubic", gate_head_start=20.0)
+    result = hm.merge_models(*teachers, _labelled_by(teachers[1]), None, config, run=hm.RunOptions(progress=False))
+    assert result.head_start_teacher == 1
+    assert all(s.kept_per_teacher == (0, s.kept) for s in result.gate_stats)
+
+
+def test_closing_gates_cannot_join_a_stack(teachers):
+    gated = hm.add_gates(hm.concatenate(*teachers))
+    regularizers = [GateRegularizer(gated, LambdaSchedule(), closing=closing) for closing in (None, ClosingSchedule())]
+    assert [r.prepares_model for r in regularizers] == [False, True]

@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -110,9 +111,10 @@ class Comparison:
                             label_names=self.label_names, preprocessing=self.preprocessing, overwrite=overwrite)
 
 
-def _strategies(config: MergeConfig, epochs: int, matchable: bool) -> list[Strategy]:
-    """The alternatives at ``epochs`` each. The recommended merge spends a quarter of them on gates and the rest on
-    fine-tuning (the split that won on validation in ``benchmarks/merge_levers.py``); the paper's splits them in half."""
+def _strategies(config: MergeConfig, epochs: int, matchable: bool, names: Sequence[str] | None) -> list[Strategy]:
+    """The alternatives ``names`` (all but ``keep`` when None) at ``epochs`` each. The recommended merge spends a quarter
+    of them on gates and the rest on fine-tuning (the split that won on validation in ``benchmarks/merge_levers.py``);
+    the paper's splits them in half."""
     gate = max(1, epochs // 4)
     paper_gate = max(1, epochs // 2)
     extra = StageConfig(epochs=epochs, lr=config.finetune_lr or config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
@@ -123,11 +125,12 @@ def _strategies(config: MergeConfig, epochs: int, matchable: bool) -> list[Strat
     paper = MergeSchedule.paper(**{k: getattr(schedule, k) for k in ("lr", "momentum", "weight_decay", "gate_lr", "finetune_lr", "max_grad_norm")},
                                 gate_epochs=paper_gate, finetune_epochs=epochs - paper_gate,
                                 finetune_milestones=[max(1, round(0.75 * (epochs - paper_gate)))] if epochs - paper_gate > 1 else [])
-    chosen: list[Strategy] = [ContinueTraining(extra, teacher_epochs=0), Distill(extra, DISTILL_GRID, "teacher", teacher_epochs=0)]
-    if matchable:
-        chosen.append(WeightMatching(extra, teacher_epochs=0))
-    return [*chosen, Student(teacher=None, schedule=schedule), Student(teacher=None, schedule=paper, name="student_paper"),
-            Ensemble(teacher_epochs=0)]
+    every: list[Strategy] = [ContinueTraining(extra, teacher_epochs=0), Distill(extra, DISTILL_GRID, "teacher", teacher_epochs=0),
+                             WeightMatching(extra, teacher_epochs=0), Student(teacher=None, schedule=schedule),
+                             Student(teacher=None, schedule=paper, name="student_paper"), Ensemble(teacher_epochs=0)]
+    if names is None:
+        return [s for s in every if matchable or s.name != "weight_matching"]
+    return [s for s in every if s.name in names]
 
 
 def compare_models(
@@ -144,6 +147,7 @@ def compare_models(
     output: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    strategies: Sequence[str] | None = None,
 ) -> Comparison:
     """Every alternative to merging two given teachers at ``epochs`` more epochs each, on ``train_data`` less a
     ``val_fraction`` validation split (every choice is made there), scored on ``test_data`` when given.
@@ -152,7 +156,9 @@ def compare_models(
     fine-tuning) and what every alternative shares (batch size, precision, augmentation, data columns); the
     alternatives train at its learning rate (``finetune_lr`` when set) with a cosine schedule. With ``output`` the
     winner is saved there (see :meth:`Comparison.save_pretrained`); ``dataset_name`` names the data in the table and
-    the card (default: a ``datasets.Dataset``'s own name). Bad inputs are refused before any training.
+    the card (default: a ``datasets.Dataset``'s own name). ``strategies`` names the alternatives to run (default:
+    every one of :data:`DESCRIPTIONS` the architecture allows; ``keep`` is always scored). Bad inputs are refused
+    before any training.
     """
     config = config or MergeConfig()
     load = load or LoadOptions()
@@ -160,6 +166,9 @@ def compare_models(
         raise ConfigError(f"compare needs epochs >= 2 (the merge spends at least one gate and one fine-tune epoch), got {epochs}")
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    unknown = sorted(set(strategies or ()) - set(DESCRIPTIONS) | ({"keep"} & set(strategies or ())))
+    if unknown:
+        raise ConfigError(f"unknown strategies {unknown}: choose among {sorted(set(DESCRIPTIONS) - {'keep'})} (keep is always scored)")
     if output is not None:
         check_output_dir(output, overwrite)
     (a, info_a), (b, info_b) = (load_teacher(t, load.architecture, load.model_args, load.allow_pickle) for t in (teacher_a, teacher_b))
@@ -169,6 +178,8 @@ def compare_models(
         check_matchable(spec)
         matchable = True
     except UnsupportedModelError:
+        if strategies is not None and "weight_matching" in strategies:
+            raise
         matchable = False
     prepare = dict(model=a, task=config.task, num_classes=int(getattr(a, "num_classes", 0)), image_column=config.image_column,
                    label_column=config.label_column, image_size=config.image_size)
@@ -186,7 +197,7 @@ def compare_models(
     accelerator = make_accelerator(config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
     dataset = dataset_name or getattr(getattr(train_data, "info", None), "dataset_name", None) or "custom"
     data = SeedData(train, val, test if test is not None else val, dataset)
-    result = run_seed(recipe, config.seed, strategies=_strategies(config, epochs, matchable), data=data, accelerator=accelerator,
+    result = run_seed(recipe, config.seed, strategies=_strategies(config, epochs, matchable, strategies), data=data, accelerator=accelerator,
                       observers=[Budgets()], given_teachers=[a, b], progress=progress)
     ctx = SeedContext(recipe, config.seed, data, accelerator)  # the validation split and the choice the strategies use
     better, teacher_scores = ctx.pick([a, b])

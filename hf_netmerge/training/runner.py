@@ -36,8 +36,12 @@ class Regularizer(Protocol):
 
     ``penalty`` is computed from the current parameters of the model it regularizes (stacked training calls it with
     every network's parameters swapped in); ``weight`` is a plain number, a function of the stage's progress in
-    (fractional) epochs only, so a resumed stage needs no state of it.
+    (fractional) epochs only, so a resumed stage needs no state of it. ``prepare(epoch)`` runs before each step's
+    forward pass; where it changes the model's parameters (``prepares_model``: the gates' closing schedule), the
+    network cannot join a stack.
     """
+
+    prepares_model: bool
 
     def parameters(self) -> list[nn.Parameter]: ...
 
@@ -46,6 +50,8 @@ class Regularizer(Protocol):
     def penalty(self) -> torch.Tensor: ...
 
     def weight(self, epoch: float) -> float: ...
+
+    def prepare(self, epoch: float) -> None: ...
 
     def log(self) -> dict[str, float]: ...
 
@@ -195,6 +201,8 @@ def train_stage(
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 first = compiling and full_batch is None
                 step_start = time.perf_counter()
+                if regularizer is not None:
+                    regularizer.prepare(position)
                 with accelerator.accumulate(train_model):
                     output = train_model(inputs)
                     loss = distillation(output, inputs, targets) if distillation is not None else task_loss(task, output, targets)

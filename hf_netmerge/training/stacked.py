@@ -51,6 +51,7 @@ def unstackable(job: StageJob) -> str | None:
         (job.distillation is not None, "it distills"),
         (job.compile_mode != "no" or job.channels_last, "it compiles or trains channels-last"),
         (job.stage.max_grad_norm is not None, "it clips gradients"),
+        (job.regularizer is not None and job.regularizer.prepares_model, "its gates close on a schedule"),
         (any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in job.model.modules()), "its model draws dropout"),
         (any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in job.model.modules()), "its model has BatchNorm"),
     ]
