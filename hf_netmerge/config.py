@@ -236,8 +236,8 @@ class MergeSchedule(TypedConfig):
     1/k are closed: the big student learns without the channels compression will remove, and compression removes
     no open gate (with ``none``, a group can end with more than half of its gates open). ``gate_head_start`` > 0
     adds that much to the initial ``log_alpha`` of the better teacher's gates (lowest loss on the recalibration
-    examples: training data, so the evaluation data never steers training): the selection starts from that teacher's whole function and keeps the
-    other's channels where training ranks them higher.
+    examples: training data, so the evaluation data never steers training): the selection starts from that
+    teacher's whole function and keeps the other's channels where training ranks them higher.
     After compression, ``recalibrate_norms`` recomputes the student's BatchNorm statistics on up to
     ``recalibration_samples`` training examples (the kept channels' statistics were those of a different
     network). Fine-tuning uses ``finetune_lr`` (``lr`` if unset) under ``finetune_schedule`` (``cosine`` to zero,

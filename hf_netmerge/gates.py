@@ -565,7 +565,6 @@ class GateRegularizer:
         self.schedule = schedule
         self.lr = lr
         self.closing = closing
-        self.prepares_model = closing is not None
 
     def parameters(self) -> list[nn.Parameter]:
         """The gates' parameters: the runner keeps them out of the weights' optimizer."""
@@ -582,6 +581,11 @@ class GateRegularizer:
     def weight(self, epoch: float) -> float:
         """λ at ``epoch`` (fractional) epochs into the stage."""
         return self.schedule.at(epoch)
+
+    @property
+    def prepares_model(self) -> bool:
+        """Whether :meth:`prepare` changes the gates (a closing schedule): such a stage cannot join a stack."""
+        return self.closing is not None
 
     def prepare(self, epoch: float) -> None:
         """Before the step at ``epoch`` (fractional) epochs: close the gates the closing schedule has reached."""

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -166,9 +166,10 @@ def compare_models(
         raise ConfigError(f"compare needs epochs >= 2 (the merge spends at least one gate and one fine-tune epoch), got {epochs}")
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    unknown = sorted(set(strategies or ()) - set(DESCRIPTIONS) | ({"keep"} & set(strategies or ())))
+    runnable = set(DESCRIPTIONS) - {"keep"}
+    unknown = sorted(set(strategies or ()) - runnable)
     if unknown:
-        raise ConfigError(f"unknown strategies {unknown}: choose among {sorted(set(DESCRIPTIONS) - {'keep'})} (keep is always scored)")
+        raise ConfigError(f"unknown strategies {unknown}: choose among {sorted(runnable)} (keep is always scored)")
     if output is not None:
         check_output_dir(output, overwrite)
     (a, info_a), (b, info_b) = (load_teacher(t, load.architecture, load.model_args, load.allow_pickle) for t in (teacher_a, teacher_b))
