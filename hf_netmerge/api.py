@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import logging
 import os
 import platform
@@ -36,8 +37,11 @@ from .data import (
     warn_unused_classes,
 )
 from .errors import DataModelMismatchError, UnsupportedModelError
+from .files import check_output_dir
+from .formats import format_of, logits, save_student
+from .formats import num_classes as classes_of
 from .gates import ClosingSchedule, GatedModel, GateRegularizer, GroupStats, LambdaSchedule, add_gates, gates_removed
-from .hub import TeacherInfo, load_teacher, push_folder, save_student
+from .hub import TeacherInfo, load_teacher, push_folder
 from .spec import MergeSpec
 from .surgery import select_model, widen_model
 from .training import (
@@ -56,11 +60,12 @@ from .training import (
     train_sequentially,
 )
 from .training.checkpoint import CheckpointDir, weights_digest
-from .validation import check_output_dir, check_teachers, teacher_key
+from .validation import check_teachers, teacher_key
 
-RECORD_VERSION = 8  # 2: the record names its datasets (the card is rendered from it); 3: and the preprocessing; 4: its license;
+RECORD_VERSION = 9  # 2: the record names its datasets (the card is rendered from it); 3: and the preprocessing; 4: its license;
 # 5: any number of teachers (gate_stats' kept_per_teacher), gate units and exact_compression; 6: the preset, undecided gates;
-# 7: the number of evaluation examples behind the metrics and the augmentation that ran; 8: the teacher given the gates' head start
+# 7: the number of evaluation examples behind the metrics and the augmentation that ran; 8: the teacher given the gates' head start;
+# 9: the checkpoint format (timm or transformers) the student is saved in
 UNDECIDED_WARNING = 0.05  # above this share of undecided gates at the end of the gate stage, the log warns
 logger = logging.getLogger("hf_netmerge")
 
@@ -98,8 +103,9 @@ def compress(gated: GatedModel) -> nn.Module:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How teacher references become modules: ``.safetensors`` files are built as ``timm.create_model(architecture,
-    **model_args)``; pickle checkpoints are refused unless ``allow_pickle`` (then read with ``weights_only=True``)."""
+    """How teacher references become modules: ``.safetensors`` files are built as ``architecture`` (a timm name, or
+    ``transformers:<model_type>``) with ``model_args``; pickle checkpoints are refused unless ``allow_pickle`` (then read
+    with ``weights_only=True``)."""
 
     architecture: str | None = None
     model_args: dict[str, Any] | None = None
@@ -108,7 +114,7 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """Where the student is saved at the end (timm layout + model card); an existing ``directory`` needs ``overwrite``.
+    """Where the student is saved at the end (the teachers' format + model card); an existing ``directory`` needs ``overwrite``.
 
     ``license`` and ``datasets`` go into the card's metadata; by default the license both teachers' cards declare
     (none when they differ or say nothing) and the training data's Hub name, when it has one."""
@@ -171,6 +177,7 @@ class MergeResult:
         return {
             "version": RECORD_VERSION,
             "architecture": self.architecture,
+            "format": format_of(self.student).name,
             "datasets": self.dataset_names,
             "license": self.license,
             "preprocessing": self.preprocessing.to_dict() if self.preprocessing is not None else None,
@@ -195,6 +202,7 @@ class MergeResult:
                 "datasets": datasets.__version__,
                 "huggingface_hub": huggingface_hub.__version__,
                 "safetensors": safetensors.__version__,
+                **_format_library_version(self.student),
                 "python": platform.python_version(),
                 "threads": torch.get_num_threads(),
             },
@@ -205,9 +213,11 @@ class MergeResult:
         return render_card(self.record())
 
     def save_pretrained(self, directory: str | os.PathLike[str], overwrite: bool = False) -> Path:
-        """Save in timm's layout (``config.json`` + ``model.safetensors``) with ``netmerge_config.json`` and a model card.
+        """Save in the teachers' format (``config.json`` + ``model.safetensors``, and for transformers the image
+        processor's ``preprocessor_config.json``) with ``netmerge_config.json`` and a model card.
 
-        ``timm.create_model("local-dir:<directory>", pretrained=True)`` loads the student back.
+        ``timm.create_model("local-dir:<directory>", pretrained=True)``, or for transformers' teachers
+        ``AutoModelForImageClassification.from_pretrained(directory)``, loads the student back.
         """
         record = self.record()
         return save_student(
@@ -243,6 +253,14 @@ class MergeResult:
         return on_main_process(push)
 
 
+def _format_library_version(model: nn.Module) -> dict[str, str]:
+    """The version of the library a non-timm format's student is loaded with (transformers), for the record."""
+    library = format_of(model).library
+    if library == "timm":
+        return {}
+    return {library: importlib.import_module(library).__version__}
+
+
 def check_teacher_reads(teacher: nn.Module, data: Dataset, task: str) -> None:
     """One forward pass and the task's loss on two examples, before anything trains: data a teacher cannot read (an
     image model on tabular data) or targets its outputs do not fit is refused with :class:`DataModelMismatchError`."""
@@ -250,7 +268,7 @@ def check_teacher_reads(teacher: nn.Module, data: Dataset, task: str) -> None:
     was_training = teacher.training
     try:
         with torch.no_grad():
-            task_loss(task, teacher.eval()(inputs), targets)
+            task_loss(task, logits(teacher.eval()(inputs)), targets)
     except (RuntimeError, ValueError, IndexError) as e:
         raise DataModelMismatchError(
             f"the teachers cannot be trained on this data ({task}, inputs of shape {tuple(inputs.shape[1:])}, targets of shape "
@@ -333,7 +351,8 @@ def merge_models(
 ) -> MergeResult:
     """Merge two (or, with ``more_teachers``, k) teachers of one architecture into a student of that architecture.
 
-    Teachers are ``nn.Module`` s, local timm directories, Hub ids (``id@revision``) or ``.safetensors``
+    Teachers are ``nn.Module`` s (timm's or transformers' ``AutoModelForImageClassification`` models), local
+    directories in timm's or transformers' layout, Hub ids (``id@revision``) or ``.safetensors``
     files (see :class:`LoadOptions`); data is a ``datasets.Dataset`` (image/label columns), a torch
     Dataset or a DataLoader. Every input is checked before any training; with ``output`` (a directory
     or :class:`OutputOptions`) the student is saved there at the end; :class:`RunOptions` set the
@@ -351,11 +370,7 @@ def merge_models(
     a = teachers[0]
     big = concatenate(*teachers)
     spec: MergeSpec = big.netmerge_spec
-    if not timm.is_model(spec.architecture):
-        raise UnsupportedModelError(
-            f"{spec.architecture!r} is not a timm architecture; create teachers with timm.create_model so the student can be saved"
-        )
-    num_classes = int(getattr(a, "num_classes", 0))
+    num_classes = classes_of(a)
     prepare = functools.partial(
         prepare_dataset,
         model=a,

@@ -19,6 +19,9 @@ CITATION = """@article{pasen2024merging,
 }"""
 
 
+_PREPROCESSING_FILE = {"timm": "`config.json`'s `pretrained_cfg`", "transformers": "`preprocessor_config.json`"}
+
+
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
@@ -109,8 +112,35 @@ def eval_results(record: dict[str, Any]) -> list[EvalResult]:
     ]
 
 
-def _usage(architecture: str, prep: dict[str, Any] | None) -> str:
-    """The card's ``## Usage`` section: loading with timm (and transformers' timm wrapper where it can feed the model)."""
+def _format(record: dict[str, Any]) -> str:
+    """The checkpoint format a record's network is saved in (records before version 9 knew only timm's)."""
+    return record.get("format", "timm")
+
+
+def _transformers_usage(prep: dict[str, Any] | None) -> str:
+    """The ``## Usage`` section of a network saved in transformers' format."""
+    gray = prep is not None and prep["input_size"][0] == 1
+    pipeline_line = ("" if gray else
+                     'classifier = pipeline("image-classification", model="<this repo id>")  # applies the image processor\n')
+    note = ("\n\ntransformers' `pipeline(\"image-classification\")` converts every image to RGB, so it cannot feed this "
+            "1-channel model: give the model 1-channel `pixel_values` made with the image processor from `.convert(\"L\")` "
+            "images." if gray else "")
+    return f"""## Usage
+
+```python
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+model = AutoModelForImageClassification.from_pretrained("<this repo id>")  # or "<this folder>"
+processor = AutoImageProcessor.from_pretrained("<this repo id>")  # the preprocessing it was trained and evaluated with
+{pipeline_line}```{note}
+"""
+
+
+def _usage(architecture: str, prep: dict[str, Any] | None, fmt: str = "timm") -> str:
+    """The card's ``## Usage`` section: loading with transformers for its format, else with timm (and transformers'
+    timm wrapper where it can feed the model)."""
+    if fmt == "transformers":
+        return _transformers_usage(prep)
     register = (
         "import hf_netmerge  # registers this architecture with timm: needed before loading\n"
         if architecture.startswith("netmerge_")
@@ -157,10 +187,11 @@ def render_card(record: dict[str, Any]) -> str:
     architecture, cfg, metrics = record["architecture"], record["merge_config"], record["metrics"]
     measured = (f"On {record['eval_examples']} evaluation examples.\n\n{_metrics_table(metrics)}" if metrics
                 else "No evaluation data was given.")
+    library = _format(record)
     data = ModelCardData(
         license=record.get("license"),
-        library_name="timm",
-        tags=["hf_netmerge", "model-merging", "timm", cfg["task"]],
+        library_name=library,
+        tags=["hf_netmerge", "model-merging", library, cfg["task"]],
         base_model=hub_ids or None,
         base_model_relation="merge" if hub_ids else None,
         datasets=record["datasets"] or None,
@@ -174,7 +205,7 @@ def render_card(record: dict[str, Any]) -> str:
              "teachers, so compression is not exact there; the gap above includes it." if inexact else "")
     prep = record["preprocessing"]
     inputs = (f"Inputs: {'×'.join(map(str, prep['input_size']))}, mean {prep['mean']}, std {prep['std']}, {prep['interpolation']} "
-              f"resize, crop {prep['crop_pct']} (in `config.json`'s `pretrained_cfg`)." if prep is not None else
+              f"resize, crop {prep['crop_pct']} (in {_PREPROCESSING_FILE[library]})." if prep is not None else
               "Inputs: as given to the merge (no image preprocessing was recorded).")
     ran = record["augmentation"]
     augmentation = ("Training stages read augmented inputs: " + ", ".join(f"{k} {v}" for k, v in ran.items())
@@ -213,7 +244,7 @@ Function gap between the gated big student (eval) and the compressed student bef
 
 {measured}
 
-{_usage(architecture, prep)}
+{_usage(architecture, prep, library)}
 ## Merge config
 
 ```yaml
@@ -240,7 +271,8 @@ def render_comparison_card(record: dict[str, Any]) -> str:
     results = [EvalResult(task_type="image-classification" if metric == "accuracy" else "tabular-regression", dataset_type=record["dataset"],
                           dataset_name=record["dataset"], metric_type=metric, metric_name=f"{metric} ({record['winner']})",
                           metric_value=winner["test"])] if winner["test"] is not None else []
-    data = ModelCardData(library_name="timm", tags=["hf_netmerge", "model-merging", "timm"], base_model=hub_ids or None,
+    library = _format(record)
+    data = ModelCardData(library_name=library, tags=["hf_netmerge", "model-merging", library], base_model=hub_ids or None,
                          base_model_relation=relation if hub_ids and relation else None,
                          model_name=f"{architecture}-netmerge-compare" if results else None, eval_results=results or None)
     lines = []
@@ -274,7 +306,7 @@ no choice saw). This network is **{record["winner"]}**. {verdict}
 
 The merge ran the **{record["preset"]}** schedule (config below) with N split into gate and fine-tune epochs.
 
-{_usage(architecture, None)}
+{_usage(architecture, None, library)}
 ## Merge config
 
 ```yaml

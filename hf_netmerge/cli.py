@@ -107,7 +107,7 @@ def _inputs(args: argparse.Namespace) -> tuple[NamedData, MergeConfig, Dataset]:
     import torch
 
     from .data import first_examples, load_data
-    from .validation import check_output_dir
+    from .files import check_output_dir
 
     if args.output_dir:
         check_output_dir(args.output_dir, args.overwrite)
@@ -176,7 +176,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .hub import check_student_dir, push_folder
+    from .formats import check_student_dir
+    from .hub import push_folder
 
     folder = check_student_dir(args.directory)
     print(f"pushed: {push_folder(folder, args.repo_id, private=args.private or None, revision=args.revision)}")
@@ -200,13 +201,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    import timm
-
     from .adapters import resolve_spec
+    from .formats import create_model, format_for_architecture
     from .hub import load_teacher
 
-    if timm.is_model(args.model):
-        model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
+    if format_for_architecture(args.model).handles(args.model):
+        model = create_model(args.model, {"num_classes": args.num_classes})
     else:
         model, _ = load_teacher(args.model)
     spec = resolve_spec(model, discover=args.discover)
@@ -272,9 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = sub.add_parser("merge", help="merge two (or more) existing checkpoints and save (and optionally publish) the student")
     merge.add_argument("teachers", nargs="+", metavar="TEACHER",
-                       help="two or more local timm directories, Hub ids (id@revision) or .safetensors files")
+                       help="two or more local directories (timm's or transformers' layout), Hub ids (id@revision) or .safetensors files")
     merge.add_argument("--dataset", required=True, help=DATASET_HELP)
-    merge.add_argument("--output-dir", required=True, help="where the student is saved (timm layout + model card)")
+    merge.add_argument("--output-dir", required=True, help="where the student is saved (the teachers' format + model card)")
     merge.add_argument("--config", help="a MergeConfig YAML file")
     merge.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one MergeConfig field (see --list-keys)")
     merge.add_argument("--list-keys", action=_ListKeys)
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--log-with", nargs="+", choices=["tensorboard"],
                        help="trackers for every stage's loss, learning rate, throughput, λ and P[g>0] (under OUTPUT_DIR.logs)")
     _add_speed_flags(merge)
-    merge.add_argument("--architecture", help="timm architecture of .safetensors teacher files")
+    merge.add_argument("--architecture", help="architecture of .safetensors teacher files (timm name or transformers:<model_type>)")
     merge.add_argument("--allow-pickle", action="store_true", help="read pickle teachers with torch.load(weights_only=True)")
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the student to this Hub repo in one commit")
     merge.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -296,10 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=_merge)
 
     compare = sub.add_parser("compare", help="should I merge? every alternative at N more epochs on your data, chosen on validation")
-    compare.add_argument("teachers", nargs=2, metavar="TEACHER", help="two local timm directories, Hub ids (id@revision) or .safetensors files")
+    compare.add_argument("teachers", nargs=2, metavar="TEACHER",
+                         help="two local directories (timm's or transformers' layout), Hub ids (id@revision) or .safetensors files")
     compare.add_argument("--dataset", required=True, help=DATASET_HELP)
     compare.add_argument("--epochs", type=_positive, required=True, help="the extra epochs every alternative gets (at least 2)")
-    compare.add_argument("--output-dir", help="where the winner is saved (timm layout + a card with the whole table)")
+    compare.add_argument("--output-dir", help="where the winner is saved (the teachers' format + a card with the whole table)")
     compare.add_argument("--strategies", nargs="+", metavar="NAME", help="run only these alternatives (continue, distill, "
                          "weight_matching, student, student_paper, ensemble; default all; keep is always scored)")
     compare.add_argument("--val-fraction", type=float, default=0.1, help="share of the training split every choice is made on (0.1)")
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--num-workers", type=int, help="DataLoader worker processes that decode images (default 0)")
     compare.add_argument("--max-train-samples", type=_positive, help="use the first N training examples only")
     _add_speed_flags(compare)
-    compare.add_argument("--architecture", help="timm architecture of .safetensors teacher files")
+    compare.add_argument("--architecture", help="architecture of .safetensors teacher files (timm name or transformers:<model_type>)")
     compare.add_argument("--allow-pickle", action="store_true", help="read pickle teachers with torch.load(weights_only=True)")
     compare.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     compare.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     inspect = sub.add_parser("inspect", help="print a model's channel groups: what is coupled and where gates go")
-    inspect.add_argument("model", help="a timm architecture name, a local timm directory or a Hub id")
+    inspect.add_argument("model", help="a timm architecture name, transformers:<model_type>, a local directory or a Hub id")
     inspect.add_argument("--num-classes", type=int, default=10, help="classes when MODEL is an architecture name (default 10)")
     inspect.add_argument("--discover", action="store_true", help="trace the groups even where an adapter declares them")
     inspect.set_defaults(func=_inspect)

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import LambdaShape, MergeSchedule
 from .errors import UnsupportedModelError
-from .spec import CALL, MIXING_NORMS, ChannelGroup, MergeSpec, validate_spec
+from .spec import CALL, ChannelGroup, MergeSpec, mixing_norm, validate_spec
 from .surgery import expand_index, group_origin, replace_module
 
 BETA = 2.0 / 3.0
@@ -338,7 +338,7 @@ class GatedModel(nn.Module):
                 raise UnsupportedModelError(f"the gate for group {name!r} ({type(gate).__name__}) is not an nn.Module implementing Gate")
         self.gates = nn.ModuleDict(gates)
         # Groups normalized over all their channels at once: compressing them is exact only when one teacher's part is kept.
-        self.mixed_norm_groups = {g.name for g in spec.groups if any(isinstance(model.get_submodule(n), MIXING_NORMS) for n in g.norms)}
+        self.mixed_norm_groups = {g.name for g in spec.groups if any(mixing_norm(model.get_submodule(n)) for n in g.norms)}
         state = PartialState() if PartialState._shared_state else None
         self.noise = GateNoise(noise_seed, state.process_index if state else 0, state.num_processes if state else 1)
         self._noisy = [gate for gate in self.gates.values() if isinstance(gate, HardConcreteGate)]

@@ -13,18 +13,18 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from timm.layers import Linear as TimmLinear
+from timm.layers.grn import GlobalResponseNorm
 from torch import nn
 
 from .errors import UnsupportedModelError
-from .models.split_norm import SplitNorm
+from .models.split_norm import SplitNorm, SplitResponseNorm, response_norm_layout
 
-# Exact classes only: subclasses that transform their weights (timm's StdConv2d, ScaledStdConv2d) would not
-# stay exact under block-diagonal concatenation. timm's Linear only adds a dtype cast.
+# timm's Linear only adds a dtype cast.
 EXACT_WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, TimmLinear)
-# Norms over all channels of a position (LayerNorm2d, or a LayerNorm on channels-last tensors): the big student
-# normalizes each teacher's part on its own (SplitNorm), but a student keeping channels of several teachers normalizes
-# them together, so its compression is not exact.
-MIXING_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, SplitNorm)
+# Norms over all channels of a position (LayerNorm2d, or a LayerNorm on channels-last tensors) or of the image (a global
+# response norm): the big student normalizes each teacher's part on its own (SplitNorm, SplitResponseNorm), but a student
+# keeping channels of several teachers normalizes them together, so its compression is not exact.
+MIXING_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, SplitNorm, GlobalResponseNorm, SplitResponseNorm)
 CALL = "#"  # a gate site ``name#i`` is the i-th call (from 0) of module ``name``, used several times in one forward
 SUPPORTED_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, *MIXING_NORMS)
 
@@ -148,6 +148,17 @@ def tiles(parts: tuple[tuple[ChannelGroup, int], ...]) -> bool:
     return True
 
 
+def exact_weight_layer(module: nn.Module) -> bool:
+    """A plain Conv2d or Linear: one of :data:`EXACT_WEIGHT_LAYERS`, or a subclass that changes only its construction
+    (transformers' ``EfficientNetDepthwiseConv2d``). Subclasses that transform their weights in the forward (timm's
+    StdConv2d, ScaledStdConv2d) would not stay exact under block-diagonal concatenation."""
+    if type(module) in EXACT_WEIGHT_LAYERS:
+        return True
+    if isinstance(module, nn.Conv2d):
+        return type(module).forward is nn.Conv2d.forward and type(module)._conv_forward is nn.Conv2d._conv_forward
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
 def site_module(site: str) -> str:
     """The module of gate site ``site`` (``name`` or ``name#i``)."""
     return site.partition(CALL)[0]
@@ -161,9 +172,21 @@ def _in_size(module: nn.Module) -> int:
     return module.in_features if isinstance(module, nn.Linear) else module.in_channels
 
 
+def supported_norm(module: nn.Module) -> bool:
+    """A norm whose per-channel tensors surgery widens and selects (transformers' GRN included, known by its layout)."""
+    return isinstance(module, SUPPORTED_NORMS) or response_norm_layout(module) is not None
+
+
+def mixing_norm(module: nn.Module) -> bool:
+    """A norm whose statistics span the channels (see :data:`MIXING_NORMS`)."""
+    return isinstance(module, MIXING_NORMS) or response_norm_layout(module) is not None
+
+
 def _norm_size(module: nn.Module) -> int:
-    if isinstance(module, SplitNorm):
+    if isinstance(module, (SplitNorm, SplitResponseNorm)):
         module = module.norm
+    if response_norm_layout(module) is not None:
+        return module.weight.numel()
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[0]
     return module.num_channels if isinstance(module, nn.GroupNorm) else module.num_features
@@ -221,7 +244,7 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
                 )
     for name, role in roles.items():
         module, out_group = modules[name], role.out
-        if type(module) not in EXACT_WEIGHT_LAYERS:
+        if not exact_weight_layer(module):
             raise UnsupportedModelError(
                 f"{spec.architecture}: module {name!r} ({type(module).__name__}) is not a supported weight layer"
             )
@@ -243,7 +266,7 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
             )
     for name, group in channelwise.items():
         module = modules[name]
-        if type(module) is not nn.Conv2d or module.in_channels != module.out_channels:
+        if not (isinstance(module, nn.Conv2d) and exact_weight_layer(module)) or module.in_channels != module.out_channels:
             raise UnsupportedModelError(
                 f"{spec.architecture}: module {name!r} ({type(module).__name__}) is not a grouped Conv2d with as many "
                 "outputs as inputs"
@@ -255,7 +278,7 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
             )
     for name, parts in norms.items():
         module = modules[name]
-        if not isinstance(module, SUPPORTED_NORMS):
+        if not supported_norm(module):
             raise UnsupportedModelError(
                 f"{spec.architecture}: module {name!r} ({type(module).__name__}) is not a supported normalization"
             )
@@ -271,7 +294,8 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
         raise UnsupportedModelError(f"{spec.architecture}: input layer {spec.input_layer!r} must produce a group and consume none")
     if spec.output_layer not in roles or roles[spec.output_layer].out is not None:
         raise UnsupportedModelError(f"{spec.architecture}: output layer {spec.output_layer!r} must consume a group and produce none")
-    covered = set(roles) | set(norms) | set(channelwise) | {f"{n}.norm" for n in norms if isinstance(modules[n], SplitNorm)}
+    wrapped = {f"{n}.norm" for n in norms if isinstance(modules[n], (SplitNorm, SplitResponseNorm))}
+    covered = set(roles) | set(norms) | set(channelwise) | wrapped
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         if own and name not in covered and not all(f"{name}.{n}" in scales for n, _ in own):

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from .models.split_norm import SplitNorm
+from .models.split_norm import SplitNorm, SplitResponseNorm, response_norm_layout
 from .spec import ChannelGroup, MergeSpec, channel_unit
 
 
@@ -51,6 +51,13 @@ def _joined(
     parts = parts or [(0, like.shape[0])]
     joined = torch.cat([t.detach()[start : start + size] for start, size in parts for t in tensors])
     return _param(joined, like) if isinstance(like, nn.Parameter) else joined
+
+
+def _reshaped(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``t`` in ``shape`` (a Parameter stays one, with its ``requires_grad``)."""
+    if t.shape == t.reshape(shape).shape:
+        return t
+    return _param(t.detach().reshape(shape), t) if isinstance(t, nn.Parameter) else t.reshape(shape)
 
 
 def _selected(t: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | nn.Parameter | None:
@@ -139,24 +146,31 @@ class GroupedConvSurgeon:
 
 
 class NormSurgeon:
-    """BatchNorm, GroupNorm and LayerNorm over channels: affine parameters and running statistics, all per channel. A
-    GroupNorm keeps its group width (k times the groups when widened; whole groups kept when selected); k LayerNorms
-    become one :class:`~hf_netmerge.models.split_norm.SplitNorm`, and a selection from it the teachers' LayerNorm again."""
+    """BatchNorm, GroupNorm, LayerNorm over channels and global response norms: affine parameters and running
+    statistics, all per channel. A GroupNorm keeps its group width (k times the groups when widened; whole groups kept
+    when selected); k LayerNorms become one :class:`~hf_netmerge.models.split_norm.SplitNorm` and k response norms one
+    :class:`~hf_netmerge.models.split_norm.SplitResponseNorm`, and a selection from either the teachers' norm again.
+    Per-channel tensors held with singleton dimensions (transformers' GRN: ``(1, 1, 1, C)``) are handled flat."""
 
     _PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
 
     @classmethod
+    def _flat(cls, m: nn.Module) -> dict[str, torch.Tensor]:
+        """``m``'s per-channel tensors, each 1-d."""
+        return {n: _reshaped(t, (-1,)) for n in cls._PER_CHANNEL if isinstance(t := getattr(m, n, None), torch.Tensor)}
+
+    @classmethod
     def _resized(cls, m: nn.Module, tensors: dict[str, torch.Tensor | None]) -> nn.Module:
-        """A copy of norm ``m`` holding ``tensors`` (per channel), its sizes set to match."""
+        """A copy of norm ``m`` holding ``tensors`` (per channel, 1-d; shaped as ``m`` holds them), its sizes set to match."""
         out = _shell(m, cls._PER_CHANNEL)
         for name, t in tensors.items():
-            setattr(out, name, t)
-        channels = next(t.shape[0] for t in tensors.values() if t is not None)
+            setattr(out, name, _reshaped(t, (*getattr(m, name).shape[:-1], -1)) if t is not None else None)
+        channels = next(t.numel() for t in tensors.values() if t is not None)
         if isinstance(out, nn.LayerNorm):
             out.normalized_shape = (channels,)
         elif isinstance(out, nn.GroupNorm):
             out.num_channels, out.num_groups = channels, channels // channel_unit(m)
-        else:
+        elif isinstance(out, nn.modules.batchnorm._NormBase):
             out.num_features = channels
         return out
 
@@ -165,16 +179,17 @@ class NormSurgeon:
         """Concatenate k norms channel-wise, running statistics included, part by part (``(start, size)`` of each group
         a norm after a concatenation covers; one part otherwise). k LayerNorms become one SplitNorm."""
         first = norms[0]
-        names = [n for n in cls._PER_CHANNEL if isinstance(getattr(first, n, None), torch.Tensor)]
-        out = cls._resized(first, {n: _joined([getattr(m, n) for m in norms], getattr(first, n), parts) for n in names})
-        return SplitNorm(out, len(norms)) if isinstance(first, nn.LayerNorm) else out
+        flat = [cls._flat(m) for m in norms]
+        out = cls._resized(first, {n: _joined([f[n] for f in flat], flat[0][n], parts) for n in flat[0]})
+        if isinstance(first, nn.LayerNorm):
+            return SplitNorm(out, len(norms))
+        return SplitResponseNorm(out, len(norms)) if response_norm_layout(first) is not None else out
 
     @classmethod
     def select(cls, m: nn.Module, index: torch.Tensor) -> nn.Module:
         """Keep channels ``index`` (of a SplitNorm: its LayerNorm, whole again)."""
-        m = m.norm if isinstance(m, SplitNorm) else m
-        names = [n for n in cls._PER_CHANNEL if isinstance(getattr(m, n, None), torch.Tensor)]
-        return cls._resized(m, {n: _selected(getattr(m, n), index) for n in names})
+        m = m.norm if isinstance(m, (SplitNorm, SplitResponseNorm)) else m
+        return cls._resized(m, {n: _selected(t, index) for n, t in cls._flat(m).items()})
 
 
 class ScaleSurgeon:

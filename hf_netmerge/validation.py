@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from .adapters import architecture_name
 from .errors import (
     ArchitectureMismatchError,
     DtypeMismatchError,
     KeyMismatchError,
     NonFiniteWeightsError,
     NumClassesMismatchError,
-    OutputExistsError,
     ShapeMismatchError,
 )
+from .formats import architecture_name, num_classes
 
 
 def check_finite(model: nn.Module, label: str) -> None:
@@ -47,7 +44,7 @@ def check_teachers(*teachers: nn.Module) -> None:
         arch_a, arch_b = architecture_name(a), architecture_name(b)
         if arch_a != arch_b:
             raise ArchitectureMismatchError(f"teachers are different architectures: {arch_a} ({la}) and {arch_b} ({lb})")
-        classes_a, classes_b = getattr(a, "num_classes", None), getattr(b, "num_classes", None)
+        classes_a, classes_b = num_classes(a), num_classes(b)
         if classes_a != classes_b:
             raise NumClassesMismatchError(f"teachers have different num_classes: {classes_a} ({la}) and {classes_b} ({lb})")
         sd_b = b.state_dict()
@@ -62,11 +59,3 @@ def check_teachers(*teachers: nn.Module) -> None:
                 raise DtypeMismatchError(f"tensor {name!r} is {ta.dtype} in {la} and {tb.dtype} in {lb}; cast all teachers to one dtype")
     for index, teacher in enumerate(teachers):
         check_finite(teacher, teacher_label(index))
-
-
-def check_output_dir(path: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing, non-empty output directory unless ``overwrite``."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{path} already exists; choose another directory or pass overwrite=True (--overwrite)")
-    return path

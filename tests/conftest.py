@@ -22,11 +22,12 @@ os.environ.update(
 
 import numpy as np
 import pytest
-import timm
 import torch
 from accelerate.state import AcceleratorState, PartialState
 
 import hf_netmerge  # noqa: F401  (registers the architectures)
+from hf_netmerge.formats import create_model, input_channels
+from hf_netmerge.models.split_norm import response_norm_layout
 from hf_netmerge.models import MLP
 
 QUIET = hf_netmerge.RunOptions(progress=False)  # merge_models without progress bars
@@ -81,7 +82,7 @@ def input_shape(model: torch.nn.Module, batch: int = 8) -> tuple[int, ...]:
     """A batch shape the model accepts: its own image size, 32×32 for other CNNs, flat features for MLPs."""
     if isinstance(model, MLP):
         return (batch, model.in_chans)
-    return (batch, getattr(model, "in_chans", 3), *getattr(model, "img_size", (32, 32)))
+    return (batch, input_channels(model), *getattr(model, "img_size", (32, 32)))
 
 
 def record_output_dtypes(monkeypatch: pytest.MonkeyPatch, layer: type[torch.nn.Module]) -> set[torch.dtype]:
@@ -99,12 +100,16 @@ def record_output_dtypes(monkeypatch: pytest.MonkeyPatch, layer: type[torch.nn.M
 
 
 def make_teacher(name: str, kwargs: dict, seed: int) -> torch.nn.Module:
-    """A teacher with random norm affine parameters and BN running statistics gathered on data (not timm's defaults)."""
+    """A teacher (a timm name, or ``transformers:<model_type>`` with its config's kwargs) with random norm affine
+    parameters and BN running statistics gathered on data (not the library's defaults)."""
     torch.manual_seed(seed)
-    model = timm.create_model(name, **kwargs)
+    model = create_model(name, kwargs)
     for m in model.modules():
         if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.normal_(m.bias, std=0.5)
+        elif response_norm_layout(m) is not None:  # ConvNeXt V2's GRN starts as the identity (zero weight and bias)
+            torch.nn.init.normal_(m.weight, std=0.5)
             torch.nn.init.normal_(m.bias, std=0.5)
     model.train()
     with torch.no_grad():

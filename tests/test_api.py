@@ -139,7 +139,7 @@ def test_saved_weights_are_safetensors_only(teachers, data, tmp_path):
                          ids=["lenet", "lenet_bn_32px", "resnet18"])
 def test_saved_networks_reload_with_their_input_channels_and_size(tmp_path, name, kwargs, shape):
     """timm before 1.0.31 left in_chans and img_size out of config.json (a 1-channel model came back with 3)."""
-    from hf_netmerge.hub import save_network
+    from hf_netmerge.formats import save_network
 
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).eval()
@@ -200,7 +200,7 @@ def test_config_record_and_card_agree_on_license_datasets_preprocessing_and_augm
 def test_saved_folders_take_the_umask(tmp_path):
     import os
 
-    from hf_netmerge.hub import save_network
+    from hf_netmerge.formats import save_network
     from hf_netmerge.training.checkpoint import StageCheckpoint
 
     teacher = make_teacher("netmerge_lenet", {"num_classes": 4}, 0)
@@ -219,7 +219,7 @@ def test_teachers_with_more_classes_than_the_data_reaches_are_a_warning(data, ca
     import logging
 
     from hf_netmerge.data import Preprocessing
-    from hf_netmerge.hub import save_network
+    from hf_netmerge.formats import save_network
 
     a, b = make_teacher("netmerge_lenet", {"num_classes": 10}, 0), make_teacher("netmerge_lenet", {"num_classes": 10}, 1)
     with caplog.at_level(logging.WARNING):

@@ -249,7 +249,7 @@ def test_two_processes_print_and_push_once(hub, data, tmp_path):
 
 
 def test_the_card_takes_the_teachers_license_and_names_the_dataset(hub, tmp_path):
-    from hf_netmerge.hub import save_network
+    from hf_netmerge.formats import save_network
 
     for i, license_id in enumerate(("mit", "mit", "apache-2.0")):
         folder = tmp_path / f"t{i}"  # 1-channel teachers: saved by hf_netmerge, whose config records in_chans on any timm

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_netmerge"
 LAYERS = [
     {"errors", "_version", "files"},
     {"config", "overrides"},
-    {"models"},
+    {"models", "formats"},
     {"spec", "adapters"},
     {"surgery"},
     {"matching"},

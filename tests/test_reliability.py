@@ -340,12 +340,13 @@ def test_non_finite_loss_stops_with_stage_and_step_and_keeps_the_last_good_check
 KILLED_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-import hf_netmerge.hub as hub
+import hf_netmerge.files as files
+from hf_netmerge.formats import save_network
 from conftest import make_teacher
 
 point, seed = {point!r}, {seed}
 writes = 0
-write, exchange = hub._write, hub._exchange
+write, exchange = files.write_file, files.exchange
 
 def dying_write(path, data):
     global writes
@@ -364,9 +365,9 @@ def dying_exchange(a, b):
         os.kill(os.getpid(), signal.SIGKILL)
     return swapped
 
-hub._write, hub._exchange = dying_write, dying_exchange
-hub.save_network(make_teacher("netmerge_lenet", {{"num_classes": 4}}, seed), {out!r}, extra_files={{"README.md": f"seed {{seed}}"}},
-                 overwrite=True)
+files.write_file, files.exchange = dying_write, dying_exchange
+save_network(make_teacher("netmerge_lenet", {{"num_classes": 4}}, seed), {out!r}, extra_files={{"README.md": f"seed {{seed}}"}},
+             overwrite=True)
 """
 KILL_POINTS = ["write 1", "write 2", "write 3", "before the swap", "after the swap", "never"]
 
@@ -377,7 +378,7 @@ def _weights_sha(directory: Path) -> str:
 
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_a_save_killed_inside_a_write_or_rename_leaves_the_old_student_or_the_new_one(tmp_path, point):
-    from hf_netmerge.hub import save_network
+    from hf_netmerge.formats import save_network
 
     out = tmp_path / "student"
     tests = str(Path(__file__).parent)

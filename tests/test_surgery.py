@@ -11,8 +11,9 @@ from torch import nn
 import hf_netmerge as hm
 from hf_netmerge.adapters import resolve_spec
 from hf_netmerge.adapters.traced import discover_spec
+from hf_netmerge.models.split_norm import SplitNorm
 from hf_netmerge.spec import ChannelGroup, Consumer, MergeSpec, validate_spec
-from hf_netmerge.surgery import expand_index
+from hf_netmerge.surgery import expand_index, widen_model
 
 from conftest import make_teacher
 
@@ -105,8 +106,21 @@ def test_spec_validation_refuses_wrong_sizes_and_missing_modules():
         validate_spec(model, _spec(group=ChannelGroup("h", 8, ("fc",), (Consumer("nope"),), ("act",))))
 
 
+def test_a_layer_norm_over_flat_features_normalizes_each_teacher_alone():
+    torch.manual_seed(0)
+    a, b = Unknown().eval(), Unknown().eval()
+    x = torch.randn(5, 4)
+    big = widen_model([a, b], discover_spec(a, "unknown", example=x)).eval()
+    assert isinstance(big.extra, SplitNorm)
+    torch.testing.assert_close(big(x), (a(x) + b(x)) / 2)
+
+
 def test_undiscoverable_model_is_refused_with_the_module_named():
     with pytest.raises(hm.UnsupportedModelError, match="forward pass"):
         resolve_spec(Unknown())  # no adapter, and no input size to trace with
-    with pytest.raises(hm.UnsupportedModelError, match="'extra' \\(LayerNorm\\)"):
-        discover_spec(Unknown(), "unknown", example=torch.randn(2, 4))
+    spec = discover_spec(Unknown(), "unknown", example=torch.randn(2, 4))  # a LayerNorm over flat features' channels
+    assert spec.groups[0].norms == ("extra",)
+    mixing = Unknown()
+    mixing.extra = nn.Softmax(dim=1)
+    with pytest.raises(hm.UnsupportedModelError, match="'extra' \\(Softmax\\)"):
+        discover_spec(mixing, "unknown", example=torch.randn(2, 4))

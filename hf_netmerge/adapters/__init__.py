@@ -13,6 +13,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..formats import architecture_name
 from ..spec import MergeSpec, validate_spec
 
 Adapter = Callable[[nn.Module], MergeSpec | None]
@@ -30,27 +31,6 @@ def register_adapter(*classes: type[nn.Module]) -> Callable[[Adapter], Adapter]:
     return wrap
 
 
-def architecture_name(model: nn.Module) -> str:
-    """The timm architecture name recorded on the model, else its class name."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(model).__name__
-
-
-def input_channels(model: nn.Module) -> int:
-    """The channels ``model`` reads: its ``in_chans``, else the ``in_channels`` of the first conv its ``pretrained_cfg``
-    names (timm before 1.0.31 does not set ``in_chans`` on every model), else 3."""
-    channels = getattr(model, "in_chans", None)
-    if isinstance(channels, int):
-        return channels
-    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
-    try:
-        conv = model.get_submodule(first_conv) if isinstance(first_conv, str) else None
-    except AttributeError:
-        conv = None
-    channels = getattr(conv, "in_channels", None)
-    return channels if isinstance(channels, int) else 3
-
-
 def declared_spec(model: nn.Module) -> MergeSpec | None:
     """The spec the registered adapter of ``model``'s class declares, or None when there is none (or it declines)."""
     adapter = _ADAPTERS.get(type(model))
@@ -66,9 +46,14 @@ def resolve_spec(model: nn.Module, discover: bool = False) -> MergeSpec:
     """
     from .traced import discover_spec
 
+    architecture = architecture_name(model)
     spec = None if discover else declared_spec(model)
     if spec is None:
-        spec = discover_spec(model, architecture_name(model))
+        try:
+            spec = discover_spec(model, architecture)
+        except UnsupportedModelError as e:  # every refusal names the architecture (a transformers model type included)
+            message = str(e) if str(e).startswith(f"{architecture}:") else f"{architecture}: {e}"
+            raise UnsupportedModelError(message) from e  # the tracer's own subclasses are its business
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     spec = replace(spec, groups=tuple(sorted(spec.groups, key=lambda g: min(order.get(p, 0) for p in g.producers))))
     validate_spec(model, spec)
@@ -83,4 +68,4 @@ def resolve_spec(model: nn.Module, discover: bool = False) -> MergeSpec:
 
 from . import lenet, mlp, resnet, vgg  # noqa: E402,F401  (register the built-in adapters)
 
-__all__ = ["Adapter", "architecture_name", "declared_spec", "input_channels", "register_adapter", "resolve_spec"]
+__all__ = ["Adapter", "declared_spec", "register_adapter", "resolve_spec"]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..formats import architecture_name
 from ..models.lenet import LeNet
 from ..spec import ChainLink, MergeSpec, chain_spec
-from . import architecture_name, register_adapter
+from . import register_adapter
 
 
 def _norm(model: LeNet, name: str) -> str | None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..formats import architecture_name
 from ..models.mlp import MLP
 from ..spec import ChainLink, MergeSpec, chain_spec
-from . import architecture_name, register_adapter
+from . import register_adapter
 
 
 @register_adapter(MLP)

@@ -15,9 +15,10 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..formats import architecture_name
 from ..models.cifar import CifarResNet
 from ..spec import ChannelGroup, Consumer, MergeSpec
-from . import architecture_name, register_adapter
+from . import register_adapter
 
 
 class _Stream:

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
-from timm.layers import LayerNorm, LayerNorm2d, LayerScale2d
-from timm.layers.norm_act import LayerNormAct2d
+from timm.layers import LayerScale2d
+from timm.layers.grn import GlobalResponseNorm
 from timm.models import fastvit, swiftformer
 from timm.layers import activations as timm_activations
 from torch import nn
@@ -38,13 +38,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..errors import UnsupportedModelError
-from ..spec import CALL, EXACT_WEIGHT_LAYERS, ChannelGroup, Consumer, MergeSpec, common_unit
-from . import input_channels
+from ..formats import input_channels, logits
+from ..models.split_norm import layer_norm_layout, response_norm_layout
+from ..spec import CALL, ChannelGroup, Consumer, MergeSpec, common_unit, exact_weight_layer
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
-CHANNELS_LAST_NORMS = (nn.LayerNorm, LayerNorm)  # exact classes: a LayerNorm over the last dim of a channels-last tensor
-CHANNELS_FIRST_LAYER_NORMS = (LayerNorm2d, LayerNormAct2d)  # exact classes: a LayerNorm over dim 1 of an NCHW tensor
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, GlobalResponseNorm)  # and transformers' GRN: _is_norm
 # A per-channel ``gamma`` ((C,) viewed as (1, C, 1, 1), or (C, 1, 1)) multiplying the input.
 SCALES = (LayerScale2d, fastvit.LayerScale2d, swiftformer.LayerScale2d)
 # Activations by class; a gate after each. timm's own classes are the functional forms wrapped as modules.
@@ -203,7 +202,7 @@ class _Tracer(TorchFunctionMode):
     def module(self, module: nn.Module, args: tuple, output: Any) -> None:
         name = self.names.get(module, type(module).__name__)
         self.calls[name] = self.calls.get(name, 0) + 1
-        if self.calls[name] > 1 and (isinstance(module, WEIGHT_LAYERS + NORMS)):
+        if self.calls[name] > 1 and (isinstance(module, WEIGHT_LAYERS) or _is_norm(module)):
             raise UnsupportedModelError(f"module {name!r} is called more than once; give each use its own module")
         inputs = [self.tag_of(a) for a in args if isinstance(a, torch.Tensor)]
         tag = inputs[0] if inputs else None
@@ -212,12 +211,12 @@ class _Tracer(TorchFunctionMode):
         if tag.parts and not isinstance(module, (*WEIGHT_LAYERS, nn.modules.batchnorm._BatchNorm, *ACTIVATIONS, *PASS_THROUGH)):
             raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) reads a concatenation of channel groups; "
                                         "only convolutions, linear layers, BatchNorm, activations and pooling can")
-        if tag.last and not isinstance(module, (nn.Linear, *CHANNELS_LAST_NORMS, *ACTIVATIONS, *LAYOUT_FREE)):
+        if tag.last and not (isinstance(module, (nn.Linear, nn.LayerNorm, *ACTIVATIONS, *LAYOUT_FREE)) or _is_norm(module)):
             raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) reads a channels-last tensor; only linear "
                                         "layers, LayerNorm, activations and dropout can")
         if isinstance(module, WEIGHT_LAYERS):
             self._weight_layer(name, module, args[0], tag, output)
-        elif isinstance(module, NORMS):
+        elif _is_norm(module):
             self._norm(name, module, tag, output)
         elif isinstance(module, ACTIVATIONS):
             if tag.space == INPUT:
@@ -238,9 +237,13 @@ class _Tracer(TorchFunctionMode):
     def _norm(self, name: str, module: nn.Module, tag: _Tag, output: torch.Tensor) -> None:
         if tag.space == INPUT:
             raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) normalizes the network input")
+        if response_norm_layout(module) not in (None, "last" if tag.last else "first"):
+            raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) does not find the channels where they are "
+                                        f"(channels {'last' if tag.last else 'on dim 1'})")
         if isinstance(module, nn.LayerNorm):
-            layout = CHANNELS_LAST_NORMS if tag.last else CHANNELS_FIRST_LAYER_NORMS
-            if type(module) not in layout or len(module.normalized_shape) != 1:
+            # on a (batch, channels) tensor the channels are last as well as on dim 1 (ConvNeXt's norm after pooling)
+            layouts = ("last",) if tag.last else ("first", "last") if output.dim() == 2 else ("first",)
+            if layer_norm_layout(module) not in layouts or len(module.normalized_shape) != 1:
                 raise UnsupportedModelError(
                     f"module {name!r} ({type(module).__name__}) does not normalize over the channels alone "
                     f"(normalized shape {tuple(module.normalized_shape)}, channels {'last' if tag.last else 'on dim 1'})"
@@ -258,7 +261,7 @@ class _Tracer(TorchFunctionMode):
             self.tag(output, replace(tag, ungated=self._written(name, tag)))
 
     def _weight_layer(self, name: str, module: nn.Module, x: torch.Tensor, tag: _Tag, output: torch.Tensor) -> None:
-        if type(module) not in EXACT_WEIGHT_LAYERS:
+        if not exact_weight_layer(module):
             raise UnsupportedModelError(
                 f"module {name!r} ({type(module).__name__}) transforms its weights; only plain Conv2d/Linear merge exactly"
             )
@@ -345,6 +348,10 @@ class _Tracer(TorchFunctionMode):
         if first.parameter and name in ("reshape", "view") and tuple(output.shape) == (1, output.numel(), 1, 1):
             self.tag(output, _Tag(first.space, first.ungated))  # a per-channel parameter viewed as (1, C, 1, 1)
             return output
+        if name in _MUL and len(tagged) == 2 and self._scales_channels_last(leaves, tagged):
+            scale, x = sorted(tagged, key=lambda t: not t.parameter)
+            self.tag(output, _Tag(self.union(scale.space, x.space), _ungated_product(replace(scale, parameter=False), x), last=True))
+            return output
         if any(t.parameter for t in tagged):
             raise UnsupportedModelError(
                 f"op {name!r}{self.where()} uses a parameter of its module other than as a (1, C, 1, 1) per-channel view "
@@ -376,12 +383,22 @@ class _Tracer(TorchFunctionMode):
             or name in _CLAMP
             or (name in ("pow", "__pow__") and isinstance(e := self._arg(args, kwargs, 1, "exponent", None), numbers.Number) and e > 0)
             or (name == "flatten" and self._arg(args, kwargs, 1, "start_dim", 0) == 1)
+            or (name in ("reshape", "view") and not first.last and output.shape[:2] == args[0].shape[:2])
             or (name in ("mean", "sum", "amax") and self._spatial_dims(args, kwargs))
         ):
             self.tag(output, first)
         else:
             raise UnsupportedModelError(f"op {name!r}{self.where()} mixes or reorders channels, so the merge cannot stay exact")
         return output
+
+    def _scales_channels_last(self, leaves: list, tagged: list[_Tag]) -> bool:
+        """Whether a product multiplies a channels-last tensor by a block's bare per-channel parameter (transformers'
+        ConvNeXt layer scale): the parameter broadcasts along the channels, as a (1, C, 1, 1) view does channels first."""
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor) and self.tag_of(t) is not None]
+        if len(tensors) != 2 or [t.parameter for t in tagged].count(True) != 1:
+            return False
+        (scale, _), (x, x_tag) = sorted(zip(tensors, tagged), key=lambda pair: not pair[1].parameter)
+        return x_tag.last and not x_tag.parts and scale.dim() == 1 and scale.shape[0] == x.shape[-1]
 
     def _concatenated(self, args: tuple, kwargs: dict, output: torch.Tensor) -> _Tag:
         """The tag of a concatenation along the channels: each input's spaces in order (refused along other dims)."""
@@ -444,7 +461,7 @@ class _Tracer(TorchFunctionMode):
                     space = self.new_space()
                     self.spaces[space].scales.append(f"{self.names[module]}.{attr}".lstrip("."))
                     self.tag(param, _Tag(space, frozenset({UNGATEABLE}), parameter=True))
-            elif isinstance(module, leaf_types) or own_params or _is_unsupported(module):
+            elif isinstance(module, leaf_types) or _is_norm(module) or own_params or _is_unsupported(module):
                 handles.append(module.register_forward_pre_hook(self._enter))
                 handles.append(module.register_forward_hook(self._leave))
         try:
@@ -462,7 +479,7 @@ class _Tracer(TorchFunctionMode):
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if not self.leaf_depth:
             name = self.names.get(module) or f"<root {type(module).__name__}>"
-            if not isinstance(module, WEIGHT_LAYERS + NORMS + ACTIVATIONS + SCALES + PASS_THROUGH):
+            if not (isinstance(module, WEIGHT_LAYERS + NORMS + ACTIVATIONS + SCALES + PASS_THROUGH) or _is_norm(module)):
                 raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) cannot be merged exactly")
         self.leaf_depth += 1
 
@@ -481,6 +498,11 @@ def _holds_scales(module: nn.Module) -> bool:
     """A container whose own parameters are all 1-d and no buffers: per-channel scales used inside its forward."""
     return (any(True for _ in module.children()) and not any(True for _ in module.buffers(recurse=False))
             and all(p.dim() == 1 for p in module.parameters(recurse=False)))
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalization the tracer follows: one of :data:`NORMS`, or transformers' global response norm."""
+    return isinstance(module, NORMS) or response_norm_layout(module) is not None
 
 
 def _is_unsupported(module: nn.Module) -> bool:
@@ -541,7 +563,7 @@ def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | N
         tracer, output = _trace(model, architecture, examples, forced)
         if tracer.needs_gate - forced:
             raise UnsupportedModelError(f"{architecture}: modules {sorted(tracer.needs_gate - forced)} still need gates")
-    out_tag = tracer.tag_of(output)
+    out_tag = tracer.tag_of(logits(output))
     if out_tag is None or out_tag.space == INPUT:
         raise UnsupportedModelError(f"{architecture}: the output does not come from a weight layer")
     output_space = tracer.find(out_tag.space)

@@ -10,9 +10,10 @@ from timm.models.vgg import VGG
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..formats import architecture_name
 from ..models.cifar import CifarVGG
 from ..spec import ChainLink, MergeSpec, chain_spec
-from . import architecture_name, register_adapter
+from . import register_adapter
 
 
 def feature_links(features: nn.Sequential, prefix: str = "features") -> list[ChainLink]:

@@ -1,82 +1,21 @@
-"""What a model's inputs went through: the eval preprocessing (recorded with the student) and train-time augmentation.
+"""Train-time augmentation on top of a model's evaluation preprocessing.
 
-:class:`Preprocessing` is timm's data config of the evaluation transform; it is written into the saved
-student's ``config.json`` so that ``timm.data.resolve_data_config({}, model=student)`` + ``create_transform``
-rebuild it. :func:`image_transforms` gives the train and eval transforms of PIL images;
+:func:`image_transforms` gives the train and eval transforms of PIL images from a
+:class:`~hf_netmerge.formats.preprocessing.Preprocessing` (what the model's format says its inputs go through);
 :class:`TensorAugment` augments in-memory image tensors a batch at a time.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
-from torch import nn
 
-from ..adapters import input_channels
 from ..config import AugmentConfig
+from ..formats.preprocessing import Preprocessing
 
 SMALL_IMAGE = 64  # below this (CIFAR / MNIST sizes) "auto" pads and crops instead of RandomResizedCrop
-
-
-class _ChannelStatsNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "does not match" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def channel_stats_notice_silenced() -> Iterator[None]:
-    """Without timm's notice that a pretrained mean or std does not match a model's channels (each time timm resolves
-    a 1-channel model's data config: ~10 times a run): :meth:`Preprocessing.for_model` averages them itself, and a
-    saved network records the statistics it was trained with."""
-    quiet = _ChannelStatsNotice()
-    loggers = [logging.getLogger(name) for name in ("timm.data.config", "timm.data.model_config")]
-    for log in loggers:
-        log.addFilter(quiet)
-    try:
-        yield
-    finally:
-        for log in loggers:
-            log.removeFilter(quiet)
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """timm's data config of the evaluation transform: ``input_size`` (C, H, W), normalization, resize and crop."""
-
-    input_size: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str = "bilinear"
-    crop_pct: float = 1.0
-    crop_mode: str = "center"
-
-    @classmethod
-    def for_model(cls, model: nn.Module, image_size: int | None = None) -> Preprocessing:
-        """timm's resolved data config for ``model`` (from its ``pretrained_cfg``), at ``image_size`` when given."""
-        from timm.data import resolve_data_config
-
-        with channel_stats_notice_silenced():
-            cfg = resolve_data_config({"input_size": (3, image_size, image_size)} if image_size else {}, model=model)
-        channels = input_channels(model)
-        mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
-        if len(mean) != channels:  # e.g. a 1-channel model with RGB statistics: their average per channel, as timm does
-            mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
-        return cls((channels, *cfg["input_size"][1:]), mean, std, cfg["interpolation"], float(cfg["crop_pct"]),
-                   cfg.get("crop_mode", "center"))
-
-    def to_dict(self) -> dict[str, object]:
-        """The keys timm reads from a ``pretrained_cfg`` (lists, as JSON has them)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    def eval_transform(self) -> Callable:
-        """timm's evaluation transform for PIL images."""
-        from timm.data import create_transform
-
-        return create_transform(**asdict(self), is_training=False)
 
 
 def image_transforms(preprocessing: Preprocessing, augment: AugmentConfig) -> tuple[Callable, Callable]:

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..adapters import input_channels
+from ..formats import input_channels
 from ..config import AugmentConfig
 from .augment import SMALL_IMAGE, Preprocessing, TensorAugment, image_transforms
 from .checks import check_dataset

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import timm
 import torch
 from torch import nn
 
 from ..api import concatenate
+from ..formats import create_model
 from .protocol import SeedData
 from .recipe import RecipeConfig
 
@@ -51,7 +51,7 @@ class ModelCost:
         """Count on fresh models of the recipe's architecture with one training example (global RNG left as it was)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            a, b = (timm.create_model(recipe.architecture, **recipe.model_args) for _ in range(2))
+            a, b = (create_model(recipe.architecture, recipe.model_args) for _ in range(2))
         example = data.train[0][0].unsqueeze(0).cpu()  # the fresh models are on the CPU, the data may be on a GPU
         return cls(len(data.train), forward_macs(a, example), forward_macs(concatenate(a, b), example))
 

@@ -26,10 +26,12 @@ from ..card import render_comparison_card
 from ..config import MergeConfig, MergeSchedule, StageConfig
 from ..data import prepare_dataset, split
 from ..errors import ConfigError, UnsupportedModelError
-from ..hub import TeacherInfo, input_args, load_teacher, save_network
+from ..formats import format_of, model_args, num_classes, save_network
+from ..hub import TeacherInfo, load_teacher
 from ..matching import check_matchable
 from ..training import make_accelerator
-from ..validation import check_output_dir, check_teachers
+from ..files import check_output_dir
+from ..validation import check_teachers
 from .context import SeedContext, lower_is_better
 from .observers import Budgets
 from .protocol import SeedData
@@ -37,7 +39,7 @@ from .recipe import RecipeConfig
 from .run import run_seed
 from .strategies import ContinueTraining, Distill, Ensemble, Strategy, Student, WeightMatching
 
-COMPARISON_VERSION = 1
+COMPARISON_VERSION = 2  # 2: the checkpoint format the winner is saved in
 DISTILL_GRID = ((2.0, 0.5), (4.0, 0.9))
 DESCRIPTIONS = {
     "keep": "the better teacher on validation, as it is (no training)",
@@ -89,8 +91,9 @@ class Comparison:
 
     def record(self) -> dict[str, Any]:
         """The content of ``netmerge_compare.json``: the table, the winner, the budgets and the merge config."""
-        return {"version": COMPARISON_VERSION, "architecture": self.architecture, "dataset": self.dataset, "metric": self.metric,
-                "epochs": self.epochs, "winner": self.winner, "teachers": [t.to_dict() for t in self.teachers],
+        return {"version": COMPARISON_VERSION, "architecture": self.architecture, "format": format_of(self.model).name,
+                "dataset": self.dataset, "metric": self.metric, "epochs": self.epochs, "winner": self.winner,
+                "teachers": [t.to_dict() for t in self.teachers],
                 "rows": [{**dataclasses.asdict(r), "description": r.description} for r in self.rows],
                 "merge_config": self.config.to_dict(), "preset": self.config.preset_name(), "details": self.details}
 
@@ -104,7 +107,7 @@ class Comparison:
         return "\n".join(lines)
 
     def save_pretrained(self, directory: str | os.PathLike[str], overwrite: bool = False) -> Path:
-        """The winner in timm's layout with ``netmerge_compare.json`` and a model card that shows the whole table."""
+        """The winner in the teachers' format with ``netmerge_compare.json`` and a model card that shows the whole table."""
         record = self.record()
         return save_network(self.model, directory, extra_files={"netmerge_compare.json": json.dumps(record, indent=2, sort_keys=True),
                                                                 "README.md": render_comparison_card(record)},
@@ -182,13 +185,13 @@ def compare_models(
         if strategies is not None and "weight_matching" in strategies:
             raise
         matchable = False
-    prepare = dict(model=a, task=config.task, num_classes=int(getattr(a, "num_classes", 0)), image_column=config.image_column,
+    prepare = dict(model=a, task=config.task, num_classes=num_classes(a), image_column=config.image_column,
                    label_column=config.label_column, image_size=config.image_size)
     prepared = prepare_dataset(train_data, min_size=2 * config.batch_size, label="train_data", **prepare)
     train, val = split(prepared, val_fraction, seed=0)
     test = prepare_dataset(test_data, min_size=1, label="test_data", **prepare) if test_data is not None else None
     check_teacher_reads(a, train, config.task)
-    recipe = RecipeConfig(name="compare", architecture=spec.architecture, model_args={"num_classes": prepare["num_classes"], **input_args(a)},
+    recipe = RecipeConfig(name="compare", architecture=spec.architecture, model_args=model_args(a),
                           task=config.task, seeds=[config.seed], batch_size=config.batch_size, mixed_precision=config.mixed_precision,
                           gradient_accumulation_steps=config.gradient_accumulation_steps, compile=config.compile,
                           channels_last=config.channels_last, augment=config.augment, baselines=[])

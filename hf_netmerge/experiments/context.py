@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import timm
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
 from ..config import StageConfig
 from ..data import make_loader, training_view
+from ..formats import create_model
 from ..training import DistillationLoss, StageJob, StageReport, Trainer, evaluate, train_sequentially
 from ..training.checkpoint import CheckpointDir, StageCheckpoint
 from .budget import ModelCost
@@ -53,9 +53,9 @@ class SeedContext:
         return f"seed {self.seed} {what}"
 
     def create(self, seed: int) -> nn.Module:
-        """A fresh ``timm.create_model(architecture, **model_args)`` initialised from ``seed``."""
+        """A fresh network of the recipe's architecture (``create_model(architecture, model_args)``) initialised from ``seed``."""
         set_seed(seed)
-        return timm.create_model(self.recipe.architecture, **self.recipe.model_args)
+        return create_model(self.recipe.architecture, self.recipe.model_args)
 
     def job(
         self,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..data import TensorBatchDataset, make_loader
-from ..hub import save_network
+from ..formats import save_network
 from ..training import predict
 from .context import SeedContext
 from .strategies import Strategy, Trained

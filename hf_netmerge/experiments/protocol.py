@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import timm
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -17,6 +16,7 @@ from ..adapters import resolve_spec
 from ..matching import check_matchable
 from ..data import first_examples, load_data, prepare_dataset, sine_splits, split
 from ..errors import ConfigError, DatasetTooSmallError
+from ..formats import create_model, num_classes
 from .recipe import RecipeConfig
 
 SEED_STRIDE = 1000
@@ -49,12 +49,7 @@ def depends_on_seed(recipe: RecipeConfig) -> bool:
 def probe_model(recipe: RecipeConfig) -> nn.Module:
     """A model of the recipe's architecture, after checking that it exists and that its layers can be merged (and matched,
     when the weight-matching baseline runs)."""
-    if not timm.is_model(recipe.architecture):
-        raise ConfigError(f"architecture {recipe.architecture!r} is not a timm model")
-    try:
-        probe = timm.create_model(recipe.architecture, **recipe.model_args)
-    except TypeError as e:
-        raise ConfigError(f"model_args do not fit {recipe.architecture}: {e}") from e
+    probe = create_model(recipe.architecture, recipe.model_args)
     spec = resolve_spec(probe)
     if "weight_matching" in recipe.baselines:
         check_matchable(spec)
@@ -70,7 +65,7 @@ def load_seed_data(recipe: RecipeConfig, seed: int, probe: nn.Module | None = No
     """
     cfg = recipe.data
     probe = probe if probe is not None else probe_model(recipe)
-    common = dict(model=probe, task=recipe.task, num_classes=int(getattr(probe, "num_classes", 0)), image_column=cfg.image_column,
+    common = dict(model=probe, task=recipe.task, num_classes=num_classes(probe), image_column=cfg.image_column,
                   label_column=cfg.label_column, image_size=cfg.image_size)
     if cfg.dataset in GENERATED:
         train, val, test = GENERATED[cfg.dataset](seed)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..config import CompileMode, StageConfig
 from ..data import Loader, TensorLoader
 from ..errors import CheckpointMismatchError, NonFiniteLossError, StageInterrupted
+from ..formats import logits
 from .accelerator import optimizer_needs_accelerate
 from .checkpoint import StageCheckpoint
 
@@ -204,7 +205,7 @@ def train_stage(
                 if regularizer is not None:
                     regularizer.prepare(position)
                 with accelerator.accumulate(train_model):
-                    output = train_model(inputs)
+                    output = logits(train_model(inputs))
                     loss = distillation(output, inputs, targets) if distillation is not None else task_loss(task, output, targets)
                     if regularizer is not None:
                         lam = regularizer.weight(position)
@@ -408,7 +409,7 @@ def evaluate(model: nn.Module, loader: Loader, *, task: str, accelerator: Accele
     with torch.random.fork_rng(devices=[]):
         for inputs, targets in accelerator.prepare_data_loader(_as_dataloader(loader)):
             with accelerator.autocast():
-                output = model(inputs)
+                output = logits(model(inputs))
             sums.add(*accelerator.gather_for_metrics((output.float(), targets)))
     model.train(was_training)
     return sums.metrics()
@@ -446,7 +447,7 @@ def predict_with_targets(model: nn.Module, loader: Loader, accelerator: Accelera
     with torch.random.fork_rng(devices=[]):
         for inputs, target in bar:
             with accelerator.autocast():
-                output, target = accelerator.gather_for_metrics((model(inputs).float(), target))
+                output, target = accelerator.gather_for_metrics((logits(model(inputs)).float(), target))
             outputs.append(output.cpu())
             targets.append(target.cpu())
     model.train(was_training)
@@ -499,7 +500,7 @@ class DistillationLoss(nn.Module):
 
     def forward(self, output: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            teacher = self.teacher(inputs).float()
+            teacher = logits(self.teacher(inputs)).float()
         output = output.float()
         if self.task == "classification":
             t = self.temperature
@@ -516,4 +517,4 @@ class MeanEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.members]).mean(0)
+        return torch.stack([logits(m(x)) for m in self.members]).mean(0)

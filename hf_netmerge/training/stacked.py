@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..data import TensorLoader
 from ..errors import NonFiniteLossError
+from ..formats import logits
 from .runner import Regularizer, StageJob, StageReport, _set_epoch, lr_factor, task_loss
 
 T = TypeVar("T")
@@ -93,7 +94,7 @@ class _Objective(nn.Module):
         object.__setattr__(self, "regularizer", regularizer)  # reads self.model; not a submodule
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = task_loss(self.task, self.model(inputs), targets)
+        loss = task_loss(self.task, logits(self.model(inputs)), targets)
         penalty = self.regularizer.penalty() if self.regularizer is not None else loss.new_zeros(())
         return loss, penalty
 
