@@ -33,11 +33,6 @@ def format_of(model: nn.Module) -> CheckpointFormat:
     return next(f for f in FORMATS if f.owns(model))
 
 
-def format_named(name: str) -> CheckpointFormat:
-    """The format called ``name`` (``timm`` or ``transformers``)."""
-    return next(f for f in FORMATS if f.name == name)
-
-
 def format_of_directory(directory: Path, reference: str) -> CheckpointFormat:
     """The format whose ``config.json`` ``directory`` holds; :class:`CheckpointError` when none claims it."""
     path = directory / CONFIG_NAME
@@ -185,7 +180,6 @@ __all__ = [
     "check_student_dir",
     "create_model",
     "format_for_architecture",
-    "format_named",
     "format_of",
     "format_of_directory",
     "input_channels",
