@@ -98,7 +98,8 @@ class Tiny(nn.Module):
         (lambda: Tiny(permute=(0, 2, 3, 1)), r"module 'pool' \(AdaptiveAvgPool2d\) reads a channels-last tensor"),
         (lambda: timm.create_model("nf_resnet26"), r"ScaledStdConv2d"),
         (lambda: timm.create_model("ghostnet_050"), r"op '__getitem__' in module 'blocks.0.0.ghost1' \(GhostModule\)"),
-        (lambda: Tiny(gamma=torch.ones(8, 1, 1)), r"<root Tiny>"),  # a 3-d layer scale held by the root
+        (lambda: Tiny(gamma=torch.ones(8, 1, 1)),  # a 3-d layer scale held by the root: refused at the op using it
+         r"op 'mul' in module '<root>' \(Tiny\) uses a parameter of its module other than as a \(1, C, 1, 1\) per-channel view"),
         (lambda: Tiny(nn.Conv2d(8, 16, 3, groups=4)), r"module 'middle' is a grouped convolution \(groups=4\) from 8 to 16"),
         (lambda: Tiny(sigmoid=True), r"module 'fc' reads channels that passed no activation where a gate can sit \(a sigmoid"),
     ],

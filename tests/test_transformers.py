@@ -183,7 +183,8 @@ def test_a_recipe_architecture_names_a_transformers_model_type():
 def test_refusals_name_the_model_type_and_the_module(tmp_path):
     vit = create_model("transformers:vit", {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
                                             "intermediate_size": 32, "image_size": 32, "patch_size": 8, "num_labels": 3})
-    with pytest.raises(hm.UnsupportedModelError, match=r"^transformers:vit: module 'vit.embeddings' \(ViTEmbeddings\)"):
+    with pytest.raises(hm.UnsupportedModelError,
+                       match=r"^transformers:vit: op 'flatten' in module 'vit.embeddings.patch_embeddings' \(ViTPatchEmbeddings\)"):
         hm.concatenate(vit, vit)
     bert = transformers.BertModel(transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                           intermediate_size=32))

@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..errors import UnsupportedModelError
-from ..formats import input_channels, logits
+from ..formats import Preprocessing, logits
 from ..models.split_norm import layer_norm_layout, response_norm_layout
 from ..spec import CALL, ChannelGroup, Consumer, MergeSpec, common_unit, exact_weight_layer
 
@@ -355,7 +355,7 @@ class _Tracer(TorchFunctionMode):
         if any(t.parameter for t in tagged):
             raise UnsupportedModelError(
                 f"op {name!r}{self.where()} uses a parameter of its module other than as a (1, C, 1, 1) per-channel view "
-                "(one shared by all channels cannot hold each teacher's value)"
+                "(a class token, a position embedding or a value shared by all channels cannot be split per teacher)"
             )
         if any(t.parts for t in tagged) and (name == "permute" or len(tagged) > 1):
             raise UnsupportedModelError(f"op {name!r}{self.where()} combines or reorders a concatenation of channel groups")
@@ -456,12 +456,16 @@ class _Tracer(TorchFunctionMode):
             handles.append(module.register_forward_pre_hook(self._push))
             handles.append(module.register_forward_hook(self._pop))
             own_params = dict(module.named_parameters(recurse=False))
-            if own_params and not isinstance(module, leaf_types) and _holds_scales(module):
-                for attr, param in own_params.items():  # a block's bare layer scale: a space joined where it multiplies
+            if own_params and not (isinstance(module, leaf_types) or _is_norm(module) or _is_unsupported(module)):
+                # A block's bare parameters: a layer scale (a space joined where it multiplies, widened per channel), or
+                # anything else, refused at the op that uses it (a class token's concatenation, a position embedding's add).
+                scales = _holds_scales(module)
+                for attr, param in own_params.items():
                     space = self.new_space()
-                    self.spaces[space].scales.append(f"{self.names[module]}.{attr}".lstrip("."))
+                    if scales:
+                        self.spaces[space].scales.append(f"{self.names[module]}.{attr}".lstrip("."))
                     self.tag(param, _Tag(space, frozenset({UNGATEABLE}), parameter=True))
-            elif isinstance(module, leaf_types) or _is_norm(module) or own_params or _is_unsupported(module):
+            elif isinstance(module, leaf_types) or _is_norm(module) or _is_unsupported(module):
                 handles.append(module.register_forward_pre_hook(self._enter))
                 handles.append(module.register_forward_hook(self._leave))
         try:
@@ -510,10 +514,10 @@ def _is_unsupported(module: nn.Module) -> bool:
 
 
 def _example_inputs(model: nn.Module) -> list[torch.Tensor]:
-    """Inputs to trace with: at most 64 px (fast) unless the model fixes its size, then its full size (an Inception
-    needs 75 px) in case the small one fails."""
+    """Inputs to trace with: at most 64 px (fast) unless the model fixes its size, then the size its format
+    preprocesses to (an Inception needs 75 px, transformers' CLIP its ``image_size``) in case the small one fails."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    channels, *size = cfg.get("input_size", (input_channels(model), 64, 64))
+    channels, *size = Preprocessing.for_model(model).input_size
     param = next(model.parameters())
     sizes = [size] if cfg.get("fixed_input_size", False) else [[min(s, 64) for s in size], size]
     return [torch.randn(2, channels, *s, device=param.device, dtype=param.dtype) for s in dict.fromkeys(map(tuple, sizes))]
