@@ -174,7 +174,7 @@ def _in_size(module: nn.Module) -> int:
 
 def supported_norm(module: nn.Module) -> bool:
     """A norm whose per-channel tensors surgery widens and selects (transformers' GRN included, known by its layout)."""
-    return isinstance(module, SUPPORTED_NORMS) or response_norm_layout(module) is not None
+    return isinstance(module, SUPPORTED_NORMS) or mixing_norm(module)
 
 
 def mixing_norm(module: nn.Module) -> bool:

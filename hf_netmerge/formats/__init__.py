@@ -75,6 +75,8 @@ def num_classes(model: nn.Module) -> int:
 def logits(output: Any) -> torch.Tensor:
     """The prediction tensor of a forward's ``output``: the output itself, or what a format wraps in it (transformers'
     ``ModelOutput.logits``). Read from the output, not the model, so that wrapped models (DDP, compiled) work too."""
+    if isinstance(output, torch.Tensor):  # every training step passes here: timm's plain tensors need no lookup
+        return output
     for fmt in FORMATS:
         tensor = fmt.logits(output)
         if isinstance(tensor, torch.Tensor):

@@ -102,8 +102,8 @@ class TransformersFormat(CheckpointFormat):
             side = size if isinstance(size, int) else _DEFAULT_SIZE
             height, width, crop_pct, mean, std, interpolation = side, side, _DEFAULT_CROP_PCT, _IMAGENET_MEAN, _IMAGENET_STD, "bilinear"
         else:
-            height, width, crop_pct = _processor_geometry(processor.to_dict())
             settings = processor.to_dict()
+            height, width, crop_pct = _processor_geometry(settings)
             normalize = settings.get("do_normalize", True)
             mean = tuple(settings.get("image_mean") or _IMAGENET_MEAN) if normalize else (0.0,) * channels
             std = tuple(settings.get("image_std") or _IMAGENET_STD) if normalize else (1.0,) * channels
