@@ -5,7 +5,14 @@ Gates are injected PEFT-style: each gate site (the activation carrying a group) 
 :class:`GatedModel.gates`, so a gate shared by several sites (a residual stream) has one set of
 parameters and draws one noise sample per forward pass. A gated ReLU runs as one autograd function that
 keeps only its output for backward, the tensor the next layer keeps anyway (:func:`gated_relu`), so gating
-adds no activation memory.
+adds no activation memory; on CUDA it is two Triton kernels (:mod:`hf_netmerge.kernels`) that read and write what a
+ReLU does.
+
+A gated step of a small model is mostly per-operation overhead, so eager training takes fast paths that compute the same
+numbers: the noise of many passes is hashed at once (:class:`GateNoise`), every gate of a pass is sampled in one
+autograd node with a hand-written gradient, and the half penalty covers every gate in one pass. Traced passes
+(``torch.compile``, ``torch.func``'s ``vmap`` in stacked training) run the same formulas as plain operations, which
+the compiler fuses and the transforms batch.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 from accelerate.state import PartialState
 from torch import nn
 
+from . import kernels
 from .config import LambdaShape, MergeSchedule
 from .errors import UnsupportedModelError
 from .spec import CALL, ChannelGroup, MergeSpec, mixing_norm, validate_spec
@@ -30,7 +38,7 @@ BETA = 2.0 / 3.0
 GAMMA = -0.1
 ZETA = 1.1
 _LOG_RATIO = math.log(-GAMMA / ZETA)
-_EPS = 1e-6
+_EPS = 1e-6  # the global-RNG sample keeps its uniform noise this far inside (0, 1)
 UNDECIDED = (0.1, 0.9)  # a gate whose P[g>0] lies strictly between these has not polarized
 # A gate held closed: its samples, eval value and P[g>0] are 0 (P < 1e-21) and no gradient reaches it, so it stays closed.
 CLOSED_LOG_ALPHA = -50.0
@@ -76,7 +84,6 @@ class HardConcreteGate(nn.Module):
         self.size = size
         self.log_alpha = nn.Parameter(torch.empty(size, dtype=torch.float32).normal_(init_mean, init_std))
         self._sample: torch.Tensor | None = None
-        self._noise: torch.Tensor | None = None
 
     def prob_open(self) -> torch.Tensor:
         """P[g > 0] per channel."""
@@ -86,23 +93,20 @@ class HardConcreteGate(nn.Module):
         """The deterministic gate value used in eval mode."""
         return torch.clamp(torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
-    def sample(self, batch: int, uniform: torch.Tensor | None = None) -> torch.Tensor:
-        """A ``(batch, size)`` draw of the stretched, clamped concrete distribution from ``uniform`` noise in (0, 1)
-        (:class:`GateNoise`'s, in a :class:`GatedModel`), or from the global RNG when none is given."""
-        if uniform is None:
-            uniform = torch.rand(batch, self.size, device=self.log_alpha.device)
-        noise = (uniform * (1.0 - 2 * _EPS) + _EPS).logit()
-        s = torch.sigmoid((noise + self.log_alpha) * (1.0 / BETA))
-        return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+    def sample(self, batch: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """A ``(batch, size)`` draw of the stretched, clamped concrete distribution from standard logistic ``noise``,
+        or from the global RNG when none is given (a :class:`GatedModel` draws all its gates' samples itself)."""
+        if noise is None:
+            noise = (torch.rand(batch, self.size, device=self.log_alpha.device) * (1.0 - 2 * _EPS) + _EPS).logit()
+        return draw_hard_concrete(self.log_alpha, noise)
 
-    def set_noise(self, uniform: torch.Tensor) -> None:
-        """The uniform noise this forward pass samples from (``(batch, size)``)."""
-        self._noise = uniform
+    def set_sample(self, sample: torch.Tensor) -> None:
+        """This forward pass's ``(batch, size)`` sample, drawn elsewhere (a :class:`GatedModel` draws all its gates' at once)."""
+        object.__setattr__(self, "_sample", sample)  # every step: past nn.Module's slower __setattr__ (a plain attribute either way)
 
     def clear_sample(self) -> None:
-        """Forget this forward pass's noise and sample."""
-        self._sample = None
-        self._noise = None
+        """Forget this forward pass's sample."""
+        object.__setattr__(self, "_sample", None)
 
     def scores(self) -> torch.Tensor:
         """Channel importance for compression: ``log_alpha``."""
@@ -116,11 +120,12 @@ class HardConcreteGate(nn.Module):
                 self.log_alpha[torch.argsort(self.log_alpha, stable=True)[:count]] = CLOSED_LOG_ALPHA
 
     def value(self, batch: int) -> torch.Tensor:
-        """This pass's gate: the ``(batch, size)`` sample in training (drawn once per pass), ``(1, size)`` in eval."""
+        """This pass's gate: the ``(batch, size)`` sample in training (drawn once per pass: from the global RNG unless
+        :meth:`set_sample` gave it), ``(1, size)`` in eval."""
         if not self.training:
             return self.eval_value().unsqueeze(0)
         if self._sample is None:
-            self._sample = self.sample(batch, self._noise)
+            self.set_sample(self.sample(batch))
         return self._sample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,6 +146,45 @@ def scale_channels(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return x * _per_channel(g, x).to(x.dtype)
 
 
+def _traced() -> bool:
+    """Whether this pass is traced by ``torch.compile`` or transformed by ``torch.func`` (stacked training's ``vmap``):
+    then gating runs as plain operations, which those can fuse and batch, instead of the eager fast paths."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
+def hard_concrete(log_alpha: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The hard-concrete sample ``clamp(σ((noise + log α)/β)·(ζ−γ)+γ, 0, 1)`` from logistic ``noise``, as plain operations."""
+    return torch.clamp(torch.sigmoid((noise + log_alpha) * (1.0 / BETA)) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def draw_hard_concrete(log_alpha: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """:func:`hard_concrete`, in eager training as one autograd node (:class:`_HardConcrete`)."""
+    return hard_concrete(log_alpha, noise) if _traced() else _HardConcrete.apply(log_alpha, noise)
+
+
+class _HardConcrete(torch.autograd.Function):
+    """:func:`hard_concrete` in one autograd node that keeps only the sample ``g`` for backward.
+
+    Where the clamp passes it (0 < g < 1), ``dg/dlog α = (ζ−γ)·s(1−s)/β`` with ``s = (g−γ)/(ζ−γ)``, which is
+    ``(g−γ)(ζ−g)/((ζ−γ)β) = (g(1−g) − γζ)/((ζ−γ)β)`` because ζ + γ = 1.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, log_alpha: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        g = torch.add(noise, log_alpha).mul_(1.0 / BETA).sigmoid_().mul_(ZETA - GAMMA).add_(GAMMA).clamp_(0.0, 1.0)
+        ctx.save_for_backward(g)
+        return g
+
+    @staticmethod
+    def backward(ctx: Any, dg: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        (g,) = ctx.saved_tensors
+        inside = torch.addcmul(g, g, g, value=-1.0)  # g(1−g) ≥ 0, positive exactly where the clamp passes the gradient
+        slope = torch.add(inside, torch.sign(inside), alpha=-GAMMA * ZETA)  # (g(1−g) − γζ)·[0 < g < 1]
+        return (dg * slope).sum(0).mul_(1.0 / ((ZETA - GAMMA) * BETA)), None
+
+
 class _GatedReLU(torch.autograd.Function):
     """``relu(x)·g`` keeping only the output ``y`` and ``g`` for backward.
 
@@ -150,18 +194,13 @@ class _GatedReLU(torch.autograd.Function):
     hard-concrete gate is 0 only where its clamp is saturated, which passes no gradient either way.
     """
 
-    generate_vmap_rule = True  # stacked training (torch.func.vmap) runs it per network
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(x).mul_(g.to(x.dtype))
+        ctx.save_for_backward(y, g)
+        return y
 
     @staticmethod
-    def forward(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x).mul_(g.to(x.dtype))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
-        ctx.save_for_backward(output, inputs[1])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         y, g = ctx.saved_tensors
         low = g.to(y.dtype)
@@ -171,13 +210,24 @@ class _GatedReLU(torch.autograd.Function):
             dims = [d for d in range(y.dim()) if g.shape[d] == 1 and y.shape[d] != 1]
             products = dy * y
             sums = products.sum(dims, keepdim=True, dtype=torch.float32) if dims else products.float()
-            dg = torch.where(low > 0, sums / low.float(), 0)
+            dg = sums / low.float().clamp_min(torch.finfo(torch.float32).tiny)  # where g = 0, y = 0 and so sums = 0
         return dx, dg
 
 
+SMALL_ACTIVATION = 1 << 16  # elements: below this, an extra saved activation costs less than a custom node's overhead
+
+
 def gated_relu(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``relu(x)`` gated by the fp32 gate ``g`` (``(batch | 1, channels)``) without an extra saved activation."""
-    return _GatedReLU.apply(x, _per_channel(g, x))
+    """``relu(x)`` gated by the fp32 gate ``g`` (``(batch | 1, channels)``) without an extra saved activation, on CUDA
+    in Triton's two passes where :func:`~hf_netmerge.kernels.serves` says so. Traced passes, and activations under
+    :data:`SMALL_ACTIVATION` elements (whose step is per-operation overhead), run it as plain operations: the compiler
+    then decides what to keep, and small ones keep ``relu(x)`` (a few KiB)."""
+    g = _per_channel(g, x)
+    if x.numel() < SMALL_ACTIVATION or _traced():
+        return torch.relu(x) * g.to(x.dtype)
+    if kernels.serves(x, g):
+        return kernels.GatedReLU.apply(x, g)
+    return _GatedReLU.apply(x, g)
 
 
 class GateSite(nn.Module):
@@ -266,44 +316,90 @@ class GroupStats:
         return {**asdict(self), "kept_per_teacher": list(self.kept_per_teacher)}
 
 
-_MASK32 = 0xFFFFFFFF
+def _int32(value: int) -> int:
+    """``value``'s low 32 bits as a two's-complement int32."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finalizer on int64 tensors holding 32-bit values (products wrap; the mask keeps 32 bits)."""
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _MASK32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _MASK32
-    return h ^ (h >> 16)
+_MIX = (_int32(0x85EBCA6B), _int32(0xC2B2AE35))  # MurmurHash3's finalizer constants
+_WEYL = _int32(0x9E3779B1)
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer on an int32 tensor, in place: products wrap in two's complement (as every PyTorch
+    backend computes them) and shifts are arithmetic, which keeps each xor-shift a bijection of 32-bit words."""
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 16)).mul_(_MIX[0])
+    h.bitwise_xor_(torch.bitwise_right_shift(h, 13)).mul_(_MIX[1])
+    return h.bitwise_xor_(torch.bitwise_right_shift(h, 16))
+
+
+@dataclass
+class _NoiseBlock:
+    """The noise of passes ``first … first + len(tables) − 1`` for one ``(batch, channels)``, and the pass counter's
+    state when it was last advanced (``counter`` is the buffer, ``version`` its in-place version): while both still
+    hold, ``next`` is the counter's value without reading the tensor (no host sync on a GPU)."""
+
+    tables: torch.Tensor
+    first: int
+    next: int
+    counter: torch.Tensor
+    version: int
+
+    def serves(self, passes: torch.Tensor, batch: int, channels: int) -> bool:
+        """Whether this block holds the next pass's noise for ``(batch, channels)``, the counter untouched since."""
+        return (self.counter is passes and self.version == passes._version and self.tables.shape[1:] == (batch, channels)
+                and self.next < self.first + len(self.tables))
 
 
 class GateNoise(nn.Module):
-    """The uniform noise of every hard-concrete gate in a training pass, computed as a hash of (seed, pass number,
+    """The logistic noise of every hard-concrete gate in a training pass, computed as a hash of (seed, pass number,
     the example's position in the global batch, channel) instead of drawn from an RNG.
 
     So the noise of an example does not depend on how many processes share the batch (process ``rank`` of
     ``world`` computes rows ``rank·b … rank·b + b − 1`` of the global batch, as Accelerate splits it), there is no
     generator state to keep in step across processes, the pass counter is a buffer (a resumed stage continues
-    the same sequence), and ``torch.compile`` traces it into the graph.
+    the same sequence), and ``torch.compile`` traces it into the graph. Eager passes hash up to :attr:`BLOCK` values of
+    upcoming passes at once and read their pass's slice: the same numbers for a fraction of the per-operation cost.
     """
+
+    BLOCK = 1 << 16  # noise values hashed at once (256 KiB: the hash's passes over them stay in cache), at most 64 passes
 
     def __init__(self, seed: int, rank: int = 0, world: int = 1) -> None:
         super().__init__()
         self.rank, self.world = rank, world
         self.register_buffer("passes", torch.zeros((), dtype=torch.int64))
         # A buffer, not an attribute, so stacked copies of a gated model (torch.func) each keep their own; not saved.
-        self.register_buffer("seed_key", _fmix32(torch.tensor(seed & _MASK32)), persistent=False)
+        self.register_buffer("seed_key", _mix32(torch.tensor(_int32(seed), dtype=torch.int32)), persistent=False)
+        self._block: _NoiseBlock | None = None
+
+    def logistic(self, passes: torch.Tensor, batch: int, channels: int) -> torch.Tensor:
+        """The float32 standard logistic noise ``logit(u)`` of passes ``passes`` (an int64 tensor of any shape ``P``),
+        ``(*P, batch, channels)``; ``u`` takes 2²³ values, exact in float32, strictly inside (0, 1)."""
+        device = passes.device
+        base = _mix32(_mix32(passes.to(torch.int32)) ^ self.seed_key)
+        rows = _mix32(base[..., None] ^ torch.arange(self.rank * batch, (self.rank + 1) * batch, device=device, dtype=torch.int32))
+        columns = torch.arange(channels, device=device, dtype=torch.int32).mul_(_WEYL)
+        bits = _mix32(rows[..., None] ^ columns).bitwise_and_(0x7FFFFF)
+        return bits.add(0.5).mul_(2.0**-23).logit_()
 
     def next_table(self, batch: int, channels: int) -> torch.Tensor:
-        """This pass's ``(batch, channels)`` float32 uniforms in (0, 1), then the pass counter advances."""
-        device = self.passes.device
-        base = _fmix32(_fmix32(self.passes) ^ self.seed_key)
-        rows = _fmix32(base ^ (torch.arange(batch, device=device) + self.rank * batch))
-        columns = (torch.arange(channels, device=device) * 0x9E3779B1) & _MASK32
-        bits = _fmix32(rows[:, None] ^ columns[None, :]) >> 8  # 24 bits: exact in float32
-        self.passes += 1
-        return (bits.float() + 0.5) * 2.0**-24
+        """This pass's ``(batch, channels)`` logistic noise, then the pass counter advances."""
+        if _traced():
+            table = self.logistic(self.passes, batch, channels)
+            self.passes += 1
+            return table
+        block, passes = self._block, self.passes
+        if block is None or not block.serves(passes, batch, channels):
+            first = block.next if block is not None and block.counter is passes and block.version == passes._version else int(passes)
+            count = max(1, min(64, self.BLOCK // max(1, batch * channels)))
+            tables = self.logistic(torch.arange(first, first + count, device=passes.device), batch, channels)
+            block = _NoiseBlock(tables, first, first, passes, passes._version)
+            object.__setattr__(self, "_block", block)  # a plain attribute: not state, recomputed from the counter
+        table = block.tables[block.next - block.first]
+        passes += 1
+        block.next, block.version = block.next + 1, passes._version
+        return table
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, world={self.world}"
@@ -342,6 +438,9 @@ class GatedModel(nn.Module):
         state = PartialState() if PartialState._shared_state else None
         self.noise = GateNoise(noise_seed, state.process_index if state else 0, state.num_processes if state else 1)
         self._noisy = [gate for gate in self.gates.values() if isinstance(gate, HardConcreteGate)]
+        self._noise_sizes = [gate.size for gate in self._noisy]
+        # Per hard-concrete gate, its units: the half penalty's segments when every gate is one (not saved).
+        self.register_buffer("gate_sizes", torch.tensor(self._noise_sizes, dtype=torch.int64), persistent=False)
         groups_at: dict[str, list[tuple[int, ChannelGroup]]] = {}  # site → its groups by offset (several after a concat)
         for g in spec.groups:
             for site in g.gate_sites:
@@ -362,9 +461,10 @@ class GatedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self._noisy:
-            table = self.noise.next_table(x.shape[0], sum(gate.size for gate in self._noisy))
-            for gate, uniform in zip(self._noisy, table.split([gate.size for gate in self._noisy], dim=1)):
-                gate.set_noise(uniform)
+            noise = self.noise.next_table(x.shape[0], sum(self._noise_sizes))
+            samples = draw_hard_concrete(self._log_alphas(), noise)  # every gate in one draw: a few kernels, not a few per gate
+            for gate, sample in zip(self._noisy, samples.split(self._noise_sizes, dim=1)):
+                gate.set_sample(sample)
         try:
             return self.model(x)
         finally:
@@ -381,8 +481,15 @@ class GatedModel(nn.Module):
         """Σ over groups of (1/k − mean P[g>0])² for k teachers: zero when every group keeps 1/k of its units open
         (the paper's half penalty for two)."""
         target = 1.0 / self.teachers
+        if len(self._noisy) == len(self.gates) and not _traced():  # all hard-concrete: one pass over every gate's units
+            p_open = torch.sigmoid(self._log_alphas() - BETA * _LOG_RATIO)
+            return (target - torch.segment_reduce(p_open, "mean", lengths=self.gate_sizes)).square().sum()
         terms = [(target - gate.prob_open().mean()) ** 2 for gate in self.gates.values()]
         return torch.stack(terms).sum()
+
+    def _log_alphas(self) -> torch.Tensor:
+        """Every hard-concrete gate's ``log_alpha``, concatenated in :attr:`gates` order."""
+        return torch.cat([gate.log_alpha for gate in self._noisy]) if len(self._noisy) > 1 else self._noisy[0].log_alpha
 
     def give_head_start(self, teacher: int, margin: float) -> None:
         """Add ``margin`` to the ``log_alpha`` of teacher ``teacher``'s units in every hard-concrete gate."""

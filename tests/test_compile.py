@@ -17,7 +17,7 @@ from hf_netmerge.data import TensorBatchDataset, make_loader
 from hf_netmerge.experiments import load_recipe
 from hf_netmerge.training import make_accelerator, train_stage
 
-from conftest import make_teacher
+from conftest import input_shape, make_teacher
 
 
 def _flat(model: torch.nn.Module) -> torch.Tensor:
@@ -67,6 +67,24 @@ def test_a_gated_big_student_compiles_to_one_graph(name, kwargs, precision):
     explanation = torch._dynamo.explain(prepared)(x)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), [r.reason for r in explanation.break_reasons]
     assert all(gate._sample is None for gate in gated.gates.values())  # nothing of the traced pass is left behind
+
+
+def test_a_compiled_gated_pass_samples_the_eager_pass_s_gates_and_both_keep_one_pass_count():
+    """The traced noise, sample and gated ReLU are the eager fast paths' formulas: equal passes, equal gates."""
+    torch._dynamo.reset()
+    a, b = make_teacher("netmerge_mlp_bn", {}, 0), make_teacher("netmerge_mlp_bn", {}, 1)
+    gated = hm.add_gates(hm.concatenate(a, b)).train()
+    x = torch.randn(input_shape(a, 64))
+    compiled = torch.compile(gated, dynamic=False)
+    traced = [compiled(x) for _ in range(2)]  # passes 0 and 1
+    gated.noise.passes.zero_()
+    eager = [gated(x) for _ in range(3)]  # passes 0, 1 and 2, from one block
+    for t, e in zip(traced, eager):
+        torch.testing.assert_close(t, e, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(eager[0], eager[1])  # a new pass, new gates
+    gated.noise.passes.fill_(2)
+    torch.testing.assert_close(compiled(x), eager[2], rtol=1e-4, atol=1e-5)
+    assert int(gated.noise.passes) == 3
 
 
 def test_channels_last_trains_like_the_default_format_and_hands_the_model_back_contiguous(tmp_path):

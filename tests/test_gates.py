@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 import hf_netmerge as hm
+from hf_netmerge import gates
 from hf_netmerge.gates import (
     BETA,
     GAMMA,
@@ -52,8 +56,9 @@ def test_sample_frequency_of_zero_matches_prob_open():
 
 
 def test_gate_noise_is_uniform_fresh_every_pass_and_the_same_rows_for_any_process_count():
-    table = GateNoise(seed=3).next_table(4096, 64)
-    assert table.dtype == torch.float32 and 0 < table.min() and table.max() < 1
+    logistic = GateNoise(seed=3).next_table(4096, 64)
+    assert logistic.dtype == torch.float32 and logistic.isfinite().all()
+    table = torch.sigmoid(logistic)
     assert abs(table.mean().item() - 0.5) < 0.005 and abs(table.var().item() - 1 / 12) < 0.002
     histogram = torch.histc(table, bins=16, min=0, max=1) / table.numel()
     assert (histogram - 1 / 16).abs().max() < 0.003
@@ -64,6 +69,59 @@ def test_gate_noise_is_uniform_fresh_every_pass_and_the_same_rows_for_any_proces
     whole = GateNoise(seed=7).next_table(16, 5)  # one process holding the global batch of 16
     halves = [GateNoise(seed=7, rank=r, world=2).next_table(8, 5) for r in range(2)]  # two processes holding 8 each
     assert torch.equal(torch.cat(halves), whole)
+
+
+def test_eager_noise_blocks_are_the_per_pass_formula_across_block_ends_batch_changes_and_resumes():
+    noise = GateNoise(seed=5, rank=1, world=2)
+    batch, channels = 8, 300  # 27 passes per block of GateNoise.BLOCK values
+
+    def formula(p: int, b: int = batch) -> torch.Tensor:
+        return GateNoise(seed=5, rank=1, world=2).logistic(torch.tensor(p), b, channels)
+
+    for p in range(60):  # two block ends
+        assert torch.equal(noise.next_table(batch, channels), formula(p))
+    assert torch.equal(noise.next_table(5, channels), formula(60, 5))  # an epoch's smaller last batch
+    resumed = GateNoise(seed=5, rank=1, world=2)
+    resumed.next_table(batch, channels)  # a block cached from pass 0
+    resumed.load_state_dict(noise.state_dict())  # a resumed stage: pass 61 next
+    assert torch.equal(resumed.next_table(batch, channels), formula(61))
+    noise.passes.fill_(3)
+    assert torch.equal(noise.next_table(batch, channels), formula(3)) and int(noise.passes) == 4
+
+
+def _mix32_reference(word: int) -> int:
+    """The finalizer on a Python int: 32-bit two's-complement words, arithmetic right shifts, products mod 2³²."""
+
+    def signed(v: int) -> int:
+        v &= 0xFFFFFFFF
+        return v - (1 << 32) if v >= 1 << 31 else v
+
+    h = signed(word)
+    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        h = signed(signed(h ^ (h >> shift)) * factor)
+    return signed(h ^ (h >> 16))
+
+
+def test_the_noise_hash_wraps_32_bit_products_as_the_reference_does_eager_and_compiled():
+    words = [0, 1, -1, 2**31 - 1, -(2**31), 0x12345678, -0x0F0F0F0F] + torch.randint(-(2**31), 2**31, (200,)).tolist()
+    expected = torch.tensor([_mix32_reference(w) for w in words], dtype=torch.int32)
+    assert torch.equal(gates._mix32(torch.tensor(words, dtype=torch.int32)), expected)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h: gates._mix32(h.clone()), dynamic=False)
+    assert torch.equal(compiled(torch.tensor(words, dtype=torch.int32)), expected)
+
+
+def test_the_sample_function_matches_the_plain_formula_in_value_and_gradient():
+    noise = GateNoise(seed=1).logistic(torch.tensor(0), 64, 40)
+    ours, plain = (nn.Parameter(torch.linspace(-5, 5, 40)) for _ in range(2))
+    sample = gates._HardConcrete.apply(ours, noise)
+    reference = gates.hard_concrete(plain, noise)
+    assert torch.equal(sample, reference)
+    assert (sample == 0).any() and (sample == 1).any() and ((sample > 0) & (sample < 1)).any()
+    upstream = torch.randn(64, 40)
+    (sample * upstream).sum().backward()
+    (reference * upstream).sum().backward()
+    torch.testing.assert_close(ours.grad, plain.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_sampling_from_gate_noise_opens_each_channel_with_prob_open():
@@ -212,8 +270,17 @@ def _gate_with_saturated_channels(size: int, batch: int) -> tuple[HardConcreteGa
     return gate, sample
 
 
+@pytest.fixture
+def custom_relu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every gated ReLU through the custom autograd function (the tests' activations are below SMALL_ACTIVATION)."""
+    monkeypatch.setattr(gates, "SMALL_ACTIVATION", 0)
+
+
+@pytest.mark.parametrize("path", ["custom", "small"])
 @pytest.mark.parametrize("shape", [(64, 12), (16, 12, 5, 4)], ids=["features", "images"])
-def test_gated_relu_matches_relu_then_multiply_in_value_and_gradients(shape):
+def test_gated_relu_matches_relu_then_multiply_in_value_and_gradients(shape, path, monkeypatch):
+    if path == "custom":
+        monkeypatch.setattr(gates, "SMALL_ACTIVATION", 0)
     torch.manual_seed(0)
     gate, sample = _gate_with_saturated_channels(shape[1], shape[0])
     x = torch.randn(shape, requires_grad=True)
@@ -230,7 +297,7 @@ def test_gated_relu_matches_relu_then_multiply_in_value_and_gradients(shape):
 
 
 @pytest.mark.parametrize("shape", [(64, 12), (16, 12, 5, 4)], ids=["features", "images"])
-def test_gated_relu_in_bf16_is_as_accurate_as_the_plain_multiply(shape):
+def test_gated_relu_in_bf16_is_as_accurate_as_the_plain_multiply(shape, custom_relu):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=torch.bfloat16, requires_grad=True)
     g = torch.rand(shape[:2]).clamp_min(0.05).requires_grad_(True)
@@ -244,12 +311,45 @@ def test_gated_relu_in_bf16_is_as_accurate_as_the_plain_multiply(shape):
     assert error["ours"] < 1e-2 and error["ours"] <= 1.5 * error["plain"], error
 
 
-def test_gated_relu_passes_gradcheck_where_the_gate_is_open():
+def test_gated_relu_passes_gradcheck_where_the_gate_is_open(custom_relu):
     torch.manual_seed(1)
     x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
     x = torch.where(x.abs() < 0.05, 0.5, x).requires_grad_(True)  # away from the ReLU's kink
     g = torch.rand(3, 4, dtype=torch.float64).clamp_min(0.1).requires_grad_(True)
     assert torch.autograd.gradcheck(gated_relu, (x, g))
+
+
+_TRITON_CHECK = """
+import torch
+from hf_netmerge import gates, kernels
+
+torch.manual_seed(0)
+for shape in ((3, 5, 7, 9), (2, 4, 40, 40)):
+    samples = torch.rand(shape[0], shape[1] + 3)
+    samples[0, 1] = 0.0  # a closed gate
+    x = torch.randn(shape, requires_grad=True)
+    upstream = torch.randn(shape)
+    grads = []
+    for fn in (kernels.GatedReLU.apply, gates._GatedReLU.apply):
+        g = samples.clone().requires_grad_(True)
+        x.grad = None
+        y = fn(x, g[:, :shape[1], None, None])  # a view with the batched sample's strides
+        (y * upstream).sum().backward()
+        grads.append((y.detach(), x.grad.clone(), g.grad.clone()))
+    (y_k, dx_k, dg_k), (y_t, dx_t, dg_t) = grads
+    assert torch.equal(y_k, y_t) and torch.equal(dx_k, dx_t), shape
+    torch.testing.assert_close(dg_k, dg_t, rtol=1e-5, atol=1e-6)
+    assert dg_k[0, 1] == 0
+print("kernels agree")
+"""
+
+
+def test_the_cuda_kernels_of_the_gated_relu_match_its_pytorch_operations():
+    """hf_netmerge.kernels run by Triton's interpreter on the CPU against the PyTorch gated ReLU."""
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "kernels agree" in done.stdout, done.stderr[-3000:]
 
 
 def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -267,7 +367,7 @@ def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("name,kwargs", ARCHITECTURES, ids=arch_ids(ARCHITECTURES))
-def test_gates_keep_no_extra_activation_at_relu_sites(name, kwargs):
+def test_gates_keep_no_extra_activation_at_relu_sites(name, kwargs, custom_relu):
     a, b = make_teacher(name, kwargs, 0), make_teacher(name, kwargs, 1)
     big = hm.concatenate(a, b).train()
     x = torch.randn(input_shape(a, 4))
@@ -277,11 +377,11 @@ def test_gates_keep_no_extra_activation_at_relu_sites(name, kwargs):
     for site_name, site in gated.model.named_modules():
         if isinstance(site, GateSite) and type(site.base) is not nn.ReLU:
             site.register_forward_hook(lambda m, i, o, key=site_name: outputs.__setitem__(key, o.numel() * o.element_size()))
-    # Each gate's fp32 (batch, channels) sample keeps three such tensors (sigmoid output, clamp input, the sample);
+    # Each gate's fp32 (batch, channels) sample keeps itself (its gradient is computed from it alone);
     # a ReLU site adds nothing else, another site may keep its base's output besides the gated one; where one gate
     # covers a unit of several channels, or a site gates a concatenation of groups, each site also keeps the (batch,
     # channels) gate it builds from its gates' samples.
-    samples = sum(3 * 4 * x.shape[0] * gate.size for gate in gated.gates.values())
+    samples = sum(4 * x.shape[0] * gate.size for gate in gated.gates.values())
     sites = [s for m in gated.model.modules() if isinstance(m, (GateSite, ReusedGateSite))
              for s in (m.calls.values() if isinstance(m, ReusedGateSite) else [m])]
     samples += sum(4 * x.shape[0] * sum(g.size * unit for g, unit in ((s.gate, s.unit), *s.more))

@@ -15,7 +15,7 @@ LAYERS = [
     {"spec", "adapters"},
     {"surgery"},
     {"matching"},
-    {"gates"},
+    {"gates", "kernels"},
     {"data"},
     {"training"},
     {"hub", "card", "validation"},
