@@ -311,21 +311,24 @@ def test_same_seed_gives_identical_student_weights(data):
 
 
 class BlowsUpAfter(TensorBatchDataset):
-    """Serves infinite inputs from batch ``after`` on (counted across epochs)."""
+    """Serves infinite inputs from its ``after``-th example on (counted in the order served, across epochs; a loader may
+    gather several batches in one call)."""
 
     def __init__(self, *tensors, after: int):
         super().__init__(*tensors)
-        self.batches, self.after = 0, after
+        self.served, self.after = 0, after
 
     def __getitems__(self, indices):
-        self.batches += 1
-        x, y = super().__getitems__(indices)
-        return type(super().__getitems__(indices))((x * float("inf") if self.batches > self.after else x, y))
+        batch = super().__getitems__(indices)
+        x = batch[0].clone()
+        x[torch.arange(self.served, self.served + len(x)) >= self.after] = float("inf")
+        self.served += len(x)
+        return type(batch)((x, batch[1]))
 
 
 def test_non_finite_loss_stops_with_stage_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    data = BlowsUpAfter(torch.randn(64, 1, 28, 28, generator=gen), torch.randint(0, 4, (64,), generator=gen), after=5)
+    data = BlowsUpAfter(torch.randn(64, 1, 28, 28, generator=gen), torch.randint(0, 4, (64,), generator=gen), after=5 * 16)
     checkpoint = StageCheckpoint(tmp_path / "stage")
     model = timm.create_model("netmerge_lenet", num_classes=4, in_chans=1)
     with pytest.raises(hm.NonFiniteLossError, match=r"stage 'teacher'.*batch 2 of epoch 2"):

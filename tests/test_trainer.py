@@ -19,7 +19,7 @@ from accelerate.state import AcceleratorState, PartialState
 
 import hf_netmerge as hm
 from hf_netmerge.config import StageConfig
-from hf_netmerge.data import TensorBatchDataset, fashion_mnist, make_loader, mnist
+from hf_netmerge.data import TensorBatchDataset, TensorLoader, fashion_mnist, make_loader, mnist
 from hf_netmerge.training import make_accelerator, train_stage
 from hf_netmerge.training.checkpoint import StageCheckpoint
 from hf_netmerge.training.runner import lr_factor
@@ -68,8 +68,10 @@ def test_gradient_accumulation_steps_once_per_two_batches():
     assert report.steps == 2 and report.samples == 64
 
 
+@pytest.mark.parametrize("chunk", [64, 2], ids=["one-chunk", "chunks-of-2-batches"])
 @pytest.mark.parametrize("size", [64, 70])
-def test_tensor_loader_gives_its_dataloaders_batches_epoch_after_epoch(size):
+def test_tensor_loader_gives_its_dataloaders_batches_epoch_after_epoch(size, chunk, monkeypatch):
+    monkeypatch.setattr(TensorLoader, "CHUNK_BATCHES", chunk)
     data = _images(size)
     fast = make_loader(data, 16, shuffle=True, seed=3)
     slow = make_loader(data, 16, shuffle=True, seed=3).dataloader()
@@ -88,6 +90,14 @@ def test_runner_trains_the_same_from_a_tensor_loader_and_from_its_dataloader():
                     accelerator=accelerator, name="x", progress=False)
         weights.append(_flat(model))
     assert torch.equal(weights[0], weights[1])
+
+
+def test_a_finished_stage_leaves_the_accelerator_holding_none_of_its_objects():
+    """The runner reuses one accelerator for every stage of a pipeline: what a stage prepared must not outlive it."""
+    accelerator = make_accelerator("no", cpu=True)
+    for loader in (make_loader(_images(40), 16, shuffle=True, seed=0), make_loader(_images(40), 16, shuffle=True, seed=0).dataloader()):
+        train_stage(_lenet(0), loader, StageConfig(epochs=1), task="classification", accelerator=accelerator, name="x", progress=False)
+        assert (accelerator._models, accelerator._optimizers, accelerator._dataloaders, accelerator.step) == ([], [], [], 0)
 
 
 def test_fp16_on_cpu_is_refused_up_front():

@@ -18,8 +18,13 @@ class TensorLoader:
     Each epoch draws from ``generator`` what a shuffling DataLoader draws (its iterator's base seed,
     the permutation, and RandomSampler's empty tail permutation), so both give the same batches; it turns
     into that DataLoader with :meth:`dataloader` wherever Accelerate must shard or track the batches. Tensors held in GPU memory are indexed there, by a
-    permutation moved once per epoch (a CPU index would cost a host-device synchronization per batch).
+    permutation moved once per epoch (a CPU index would cost a host-device synchronization per batch). Up to
+    :attr:`CHUNK_BATCHES` batches (:attr:`CHUNK_BYTES` at most) are gathered at once and handed out as slices.
     """
+
+    # Batches gathered (and augmented) at once, then sliced: one indexing per chunk instead of per batch.
+    CHUNK_BATCHES = 64
+    CHUNK_BYTES = 1 << 24
 
     def __init__(self, dataset: TensorBatchDataset, batch_size: int, shuffle: bool, seed: int = 0) -> None:
         self.dataset = dataset
@@ -48,13 +53,16 @@ class TensorLoader:
         return order
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.epoch_order().to(self.dataset.inputs.device)
-        for start in range(0, len(order), self.batch_size):
-            index = order[start : start + self.batch_size]
-            inputs, targets = self.dataset.__getitems__(index)
-            if self.device is not None:
+        data = self.dataset
+        order = self.epoch_order().to(data.inputs.device)
+        move = self.device is not None and self.device != data.inputs.device
+        example_bytes = data.inputs[:1].nbytes + data.targets[:1].nbytes
+        chunk = self.batch_size * max(1, min(self.CHUNK_BATCHES, self.CHUNK_BYTES // max(1, self.batch_size * example_bytes)))
+        for start in range(0, len(order), chunk):
+            inputs, targets = data.__getitems__(order[start : start + chunk])
+            if move:
                 inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            yield inputs, targets
+            yield from zip(inputs.split(self.batch_size), targets.split(self.batch_size))
 
     def dataloader(self) -> DataLoader:
         """The equivalent DataLoader, sharing this loader's generator (so its shuffle state too)."""
