@@ -8,12 +8,14 @@ merge experiment on Fashion-MNIST.
 
 Throughput (one process, bf16 autocast, synthetic images already in GPU memory, so the numbers are the training
 step's): per model, a textbook loop (shuffle on the GPU, slice, forward, backward, SGD) on a teacher and on the
-big student (the two teachers concatenated), the runner (:func:`hf_netmerge.training.train_stage`) on a teacher,
-and the gate stage (the runner on the gated big student with the half loss and the gates' optimizer), with the
-fused gated ReLU and, for reference, with a plain multiply at every gate site (``unfused``, what the gate stage
-did before). Each rate is the last of ``--epochs`` epochs of ``--steps`` batches; memory is the peak allocated
+big student (the two teachers concatenated), the runner (:func:`hf_netmerge.training.train_stage`) on a teacher
+and on the big student, and the gate stage (the runner on the gated big student with the half loss and the gates'
+optimizer), with the fused gated ReLU and, for reference, with a plain multiply at every gate site (``unfused``).
+Each rate is the last of ``--epochs`` epochs of ``--steps`` batches; memory is the peak allocated
 during training, the dataset left out. ``--compiled`` models get the same cells through ``torch.compile``
-(default mode) with the compile time apart.
+(default mode) with the compile time apart. ``--profile`` adds the device time of an eager step of the big student
+and of the gate stage, with the gate stage's costliest kernels; a noise check compares the gates' noise and sample on
+the device, eager and compiled, with the CPU's.
 
 Accuracy: the packaged ``resnet20-fashion-mnist-given`` recipe on all 60 000 Fashion-MNIST training images
 (``HF_NETMERGE_FASHION_MNIST_DIR`` points at the IDX files where Debian's package is not installed), data in GPU
@@ -49,7 +51,9 @@ import hf_netmerge as hm
 from hf_netmerge.config import StageConfig
 from hf_netmerge.data import TensorBatchDataset, make_loader
 from hf_netmerge.experiments import Budgets, SeedData, Timer, load_recipe, load_seed_data, run_seed
-from hf_netmerge.gates import GateRegularizer, GateSite, LambdaSchedule, gated_relu
+from hf_netmerge import gates
+from hf_netmerge.formats import logits
+from hf_netmerge.gates import GateNoise, GateRegularizer, GateSite, LambdaSchedule, gated_relu
 from hf_netmerge.training import make_accelerator, train_stage
 
 GIB = 2**30
@@ -158,6 +162,7 @@ def throughput_cells(name: str, bench: Bench, compiled: bool) -> list[tuple[str,
         (f"{name}/{mode}/plain teacher", lambda: plain_loop(teacher, data(), bench, compiled)),
         (f"{name}/{mode}/runner teacher", lambda: runner(teacher, data(), bench, compiled)),
         (f"{name}/{mode}/plain big student", lambda: plain_loop(big, data(), bench, compiled)),
+        (f"{name}/{mode}/runner big student", lambda: runner(big, data(), bench, compiled)),
         (f"{name}/{mode}/gate stage", lambda: runner(big, data(), bench, compiled, gated=True)),
     ]
     if not compiled:
@@ -206,6 +211,77 @@ def gate_check(device: torch.device) -> dict[str, float]:
     return out
 
 
+def noise_check(device: torch.device) -> dict[str, float]:
+    """The gates' logistic noise on ``device``, eager and compiled, against the CPU's (its int32 hash must wrap alike
+    everywhere), and the eager sample function against the plain formula there: largest absolute differences."""
+    passes = torch.arange(3)
+    cpu = GateNoise(seed=7).logistic(passes, 64, 1000)
+    noise = GateNoise(seed=7).to(device)
+    compiled = torch.compile(lambda p: noise.logistic(p, 64, 1000), dynamic=False)
+    log_alpha = torch.linspace(-4, 4, 1000, device=device).requires_grad_(True)
+    plain_alpha = log_alpha.detach().clone().requires_grad_(True)
+    table = noise.logistic(passes.to(device), 64, 1000)[0]
+    ours, plain = gates._HardConcrete.apply(log_alpha, table), gates.hard_concrete(plain_alpha, table)
+    upstream = torch.randn(64, 1000, device=device)
+    (ours * upstream).sum().backward()
+    (plain * upstream).sum().backward()
+    return {"eager_vs_cpu": float((noise.logistic(passes.to(device), 64, 1000).cpu() - cpu).abs().max()),
+            "compiled_vs_cpu": float((compiled(passes.to(device)).cpu() - cpu).abs().max()),
+            "sample_vs_formula": float((ours - plain).detach().abs().max()),
+            "sample_grad_vs_autograd": float((log_alpha.grad - plain_alpha.grad).abs().max() / plain_alpha.grad.abs().max())}
+
+
+def gate_profile(name: str, bench: Bench, steps: int = 5) -> dict[str, Any]:
+    """Device milliseconds per eager step of the big student and of the gate stage (bf16, same batch), wall milliseconds
+    per step, and the gate stage's costliest kernels (device time per step, launches per step)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    data = bench.images(1000)
+    out: dict[str, Any] = {}
+    for label in ("big student", "gate stage"):
+        model = hm.concatenate(timm.create_model(name, num_classes=1000), timm.create_model(name, num_classes=1000))
+        regularizer = None
+        if label == "gate stage":
+            model = hm.add_gates(model)
+            regularizer = GateRegularizer(model, LambdaSchedule("per_epoch", 0.01, growth=0.05))
+        model.to(bench.device).train()
+        extra = {id(p) for p in regularizer.parameters()} if regularizer else set()
+        optimizers = [torch.optim.SGD([p for p in model.parameters() if id(p) not in extra], lr=0.01, momentum=0.9, fused=True)]
+        if regularizer:
+            optimizers.append(regularizer.optimizer())
+
+        def step(i: int) -> None:
+            batch = slice(i * bench.batch, (i + 1) * bench.batch)
+            with torch.autocast(bench.device.type, dtype=torch.bfloat16):
+                loss = F.cross_entropy(logits(model(data.inputs[batch])).float(), data.targets[batch])
+            if regularizer:
+                loss = loss + regularizer.weight(0.0) * regularizer.penalty()
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        for i in range(3):
+            step(i)
+        _sync(bench.device)
+        start = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        _sync(bench.device)
+        wall = (time.perf_counter() - start) / steps
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(steps):
+                step(i)
+            _sync(bench.device)
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]  # kernels
+        top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+        out[label] = {"wall_ms": 1e3 * wall, "device_ms": sum(e.self_device_time_total for e in events) / steps / 1e3,
+                      "launches": sum(e.count for e in events) / steps,
+                      "top": [[e.key[:90], e.self_device_time_total / steps / 1e3, e.count / steps] for e in top]}
+    return {"model": name, **out}
+
+
 def append(cells_path: Path, record: dict[str, Any]) -> None:
     with cells_path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -230,29 +306,36 @@ def _throughput_lines(cells: dict[str, dict[str, Any]], models: list[str]) -> tu
             if not row:
                 continue
             memory = " / ".join(f"{row[k]['memory_gib']:.1f}" if k in row else "-"
-                                for k in ("plain teacher", "plain big student", "gate stage", "gate stage unfused"))
-            compile_s = " / ".join(f"{row[k]['compile_s']:.0f}" if k in row else "-" for k in ("runner teacher", "gate stage"))
+                                for k in ("plain teacher", "plain big student", "runner big student", "gate stage", "gate stage unfused"))
+            compile_s = " / ".join(f"{row[k]['compile_s']:.0f}" if k in row else "-"
+                                   for k in ("runner teacher", "runner big student", "gate stage"))
             lines.append(f"| {model} | {mode} | {_rate(row, 'plain teacher')} | {_rate(row, 'runner teacher', 'plain teacher')} "
-                         f"| {_rate(row, 'plain big student')} | {_rate(row, 'gate stage', 'plain big student')} "
+                         f"| {_rate(row, 'plain big student')} | {_rate(row, 'runner big student', 'plain big student')} "
+                         f"| {_rate(row, 'gate stage', 'plain big student')} "
                          f"| {_rate(row, 'gate stage unfused', 'plain big student')} | {memory} | "
                          f"{compile_s if mode == 'compiled' else '-'} |")
-            if model == "resnet50" and mode == "eager" and {"plain teacher", "runner teacher", "plain big student", "gate stage"} <= set(row):
-                big, gate = row["plain big student"], row["gate stage"]
-                runner_ratio = row["runner teacher"]["samples_per_s"] / row["plain teacher"]["samples_per_s"]
+            if model != "resnet50" or not {"plain big student", "gate stage"} <= set(row):
+                continue
+            big, gate = row["plain big student"], row["gate stage"]
+            speed_ratio = gate["samples_per_s"] / big["samples_per_s"]
+            targets.append((f"resnet50 gate-stage throughput ≥ 0.90× plain big student, {mode}", f"{speed_ratio:.2f}×",
+                            speed_ratio >= 0.90))
+            if mode == "eager":
                 memory_ratio = gate["memory_gib"] / big["memory_gib"]
-                speed_ratio = gate["samples_per_s"] / big["samples_per_s"]
-                targets = [("resnet50 gate-stage memory ≤ 1.15× plain big student", f"{memory_ratio:.2f}×", memory_ratio <= 1.15),
-                           ("resnet50 gate-stage throughput ≥ 0.90× plain big student", f"{speed_ratio:.2f}×", speed_ratio >= 0.90),
-                           ("resnet50 runner ≥ 0.95× plain loop", f"{runner_ratio:.2f}×", runner_ratio >= 0.95)]
+                targets.append(("resnet50 gate-stage memory ≤ 1.15× plain big student, eager", f"{memory_ratio:.2f}×",
+                                memory_ratio <= 1.15))
+            if {"plain teacher", "runner teacher"} <= set(row):
+                runner_ratio = row["runner teacher"]["samples_per_s"] / row["plain teacher"]["samples_per_s"]
+                targets.append((f"resnet50 runner ≥ 0.95× plain loop, {mode}", f"{runner_ratio:.2f}×", runner_ratio >= 0.95))
     return lines, targets
 
 
 def _layout_line(cells: dict[str, dict[str, Any]]) -> list[str]:
-    """channels_last cells against the same cell in the default format."""
+    """channels_last cells against the same cell in the default format measured in the same run."""
     layouts = []
     for key, value in cells.items():
         default = cells.get(key.removesuffix(" channels_last")) if key.endswith(" channels_last") else None
-        if default is not None:
+        if default is not None and default["run"] == value["run"]:
             layouts.append(f"{key.split('/')[0]} {key.split('/')[2].removesuffix(' channels_last')} {value['samples_per_s']:.0f} "
                            f"({value['samples_per_s'] / default['samples_per_s']:.2f}× the default format)")
     return ["", "channels_last, eager (samples/s): " + "; ".join(layouts) + "."] if layouts else []
@@ -279,7 +362,8 @@ def _accuracy_lines(acc: dict[str, Any], gpu: str) -> tuple[list[str], dict[str,
 
 def render(cells_paths: list[Path]) -> None:
     """``gpu.md``, ``gpu.json`` and ``gpu.png`` from cells files (a later file's cells replace an earlier one's)."""
-    records = [json.loads(line) for path in cells_paths for line in path.read_text().splitlines() if line.strip()]
+    records = [{**json.loads(line), "run": run} for run, path in enumerate(cells_paths) for line in path.read_text().splitlines()
+               if line.strip()]
     headers = [r for r in records if r["kind"] == "header"]
     header = headers[0]
     settings = ("batch", "image_size", "steps", "epochs")
@@ -290,6 +374,8 @@ def render(cells_paths: list[Path]) -> None:
     failed = {r["cell"]: r["error"] for r in records if r["kind"] == "failed"}
     acc = next((r for r in records if r["kind"] == "accuracy"), None)
     check = next((r for r in reversed(records) if r["kind"] == "gate_check"), None)
+    noise = next((r for r in reversed(records) if r["kind"] == "noise_check"), None)
+    profiled = next((r for r in reversed(records) if r["kind"] == "gate_profile"), None)
     gpu = header["machine"]["gpu"] or "no GPU (CPU check)"
     commands = [f"`{h['command']}` ({h['machine']['gpu'] or 'CPU'})" for h in headers]
     joined = ("s, the later's cells replacing the earlier's: " if len(commands) > 1 else ": ") + "; ".join(commands)
@@ -298,9 +384,10 @@ def render(cells_paths: list[Path]) -> None:
              (f"torch {header['machine']['torch']}, timm {header['machine']['timm']}; bf16 autocast, batch {header['batch']}, "
              f"{header['image_size']} px, synthetic images in GPU memory, {header['steps']} steps per epoch, the last of "
              f"{header['epochs']} epochs timed; memory: peak allocated while training, the data left out."), "",
-             ("| model | mode | plain teacher | runner teacher | plain big student | gate stage | gate stage unfused (before) "
-              "| memory teacher / big / gate / unfused (GiB) | compile s (runner teacher / gate) |"),
-             "|---|---|---|---|---|---|---|---|---|", *rows, *_layout_line(cells)]
+             ("| model | mode | plain teacher | runner teacher | plain big student | runner big student | gate stage "
+              "| gate stage unfused | memory teacher / big / runner big / gate / unfused (GiB) "
+              "| compile s (runner teacher / runner big / gate) |"),
+             "|---|---|---|---|---|---|---|---|---|---|", *rows, *_layout_line(cells)]
     if not all(h.get("memory_collects_cycles") for h in headers):
         lines += ["", ("Memory caveat: runs whose header lacks `memory_collects_cycles` measured each cell's memory from a "
                        "baseline taken without collecting reference cycles, so models that earlier runner cells left (freed only "
@@ -308,9 +395,21 @@ def render(cells_paths: list[Path]) -> None:
     if targets:
         lines += ["", *target_table(targets)]
     if check is not None:
-        differences = ", ".join(f"{k.removesuffix('_max_relative')} {v:.1e}" for k, v in check.items() if k != "kind")
+        differences = ", ".join(f"{k.removesuffix('_max_relative')} {v:.1e}" for k, v in check.items() if k not in ("kind", "run"))
         lines += ["", (f"Fused gated ReLU against ReLU then multiply on this device, largest difference relative to the largest "
                       f"value: {differences}.")]
+    if noise is not None:
+        lines += ["", ("Gate noise and sample on this device, largest absolute differences: noise eager vs CPU "
+                       f"{noise['eager_vs_cpu']:.1e}, compiled vs CPU {noise['compiled_vs_cpu']:.1e}; the eager sample function "
+                       f"vs the plain formula {noise['sample_vs_formula']:.1e}, its log α gradient (relative) "
+                       f"{noise['sample_grad_vs_autograd']:.1e}.")]
+    if profiled is not None:
+        big, gate = profiled["big student"], profiled["gate stage"]
+        lines += ["", f"Eager step profile ({profiled['model']}, bf16, batch {header['batch']}): big student {big['device_ms']:.1f} ms "
+                  f"device / {big['wall_ms']:.1f} ms wall, {big['launches']:.0f} kernels; gate stage {gate['device_ms']:.1f} ms "
+                  f"device / {gate['wall_ms']:.1f} ms wall, {gate['launches']:.0f} kernels. The gate stage's costliest kernels "
+                  "(ms and launches per step):", "", "| kernel | ms | launches |", "|---|---|---|",
+                  *(f"| `{k.replace('|', '/')}` | {ms:.2f} | {n:.0f} |" for k, ms, n in gate["top"])]
     if failed:
         lines += ["", "Failed: " + "; ".join(f"{cell}: `{error}`" for cell, error in failed.items()) + "."]
     if skipped:
@@ -349,6 +448,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="throughput cells to measure, by name (default: all)")
     parser.add_argument("--cells", type=Path, nargs="+", default=[RESULTS / "gpu_cells.jsonl"])
     parser.add_argument("--render", action="store_true", help="only rebuild the results from --cells")
+    parser.add_argument("--profile", action="store_true", help="profile an eager step of the first model's big student and gate stage")
     parser.add_argument("--allow-cpu", action="store_true")
     args = parser.parse_args()
     if args.render:
@@ -368,7 +468,9 @@ def main() -> None:
     cells_path.write_text("")
     append(cells_path, {"kind": "header", "memory_collects_cycles": True, "command": command(), "machine": machine(), "models": args.models, "batch": args.batch,
                         "image_size": args.image_size, "steps": args.steps, "epochs": args.epochs, "deadline": args.deadline})
-    plan: list[tuple[str, Callable[[], Any]]] = [("gate check", lambda: gate_check(device))]
+    plan: list[tuple[str, Callable[[], Any]]] = [("gate check", lambda: gate_check(device)), ("noise check", lambda: noise_check(device))]
+    if args.profile:
+        plan.append(("gate profile", lambda: gate_profile(args.models[0], bench)))
     for name in args.models:
         plan += throughput_cells(name, bench, compiled=False)
     if args.accuracy_seeds:
@@ -387,7 +489,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 (a failed cell is reported in the table; the other cells still run)
             append(cells_path, {"kind": "failed", "cell": cell, "error": f"{type(e).__name__}: {e}"[:500]})
             continue
-        if cell in ("accuracy", "gate check"):
+        if cell in ("accuracy", "gate check", "noise check", "gate profile"):
             append(cells_path, {"kind": cell.replace(" ", "_"), **result})
         else:
             append(cells_path, {"kind": "cell", "cell": cell, **result})

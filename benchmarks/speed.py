@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/speed.py [--threads 1] [--epochs 2] [--repeats 5]
 
 (a) samples/s of :func:`train_stage` over a textbook loop (same model, data, batch 64 and thread count);
-(b) gate-stage epoch time over teacher epoch time; both from ``--repeats`` interleaved runs, medians.
+(b) gate-stage epoch time over teacher epoch time; both from ``--repeats`` interleaved runs, medians;
+(b') gate-stage epoch time over the same big student's epoch without gates, both through the runner, side by side
+(interleaved repeats, medians): the sine MLP at batch 32, LeNet-BN at 128, resnet18 at 64 px and batch 64.
 (c) ``concatenate`` + ``compress`` seconds for resnet18/resnet50, and the peak resident memory while
 the gate-stage model is built (``concatenate`` + ``add_gates``), over one teacher's parameter bytes.
 (d) CPU seconds of one seed of the whole sine student pipeline at ``recipes/sine.yaml``'s budget, trained alone;
@@ -32,7 +34,7 @@ from hf_netmerge.experiments import SeedContext, Student, load_recipe, load_seed
 from hf_netmerge.gates import GateRegularizer, LambdaSchedule
 from hf_netmerge.training import make_accelerator, train_stage
 
-TARGETS = {"runner_over_plain": 0.95, "gate_over_teacher": 2.5, "resnet50_surgery_s": 1.0, "gate_model_memory": 4.5,
+TARGETS = {"runner_over_plain": 0.95, "gate_over_teacher": 2.5, "gate_over_big": 1.25, "resnet50_surgery_s": 1.0, "gate_model_memory": 4.5,
            "sine_student_cpu_s": 29.0, "stacked_student_cpu_s_per_seed": 54.0}
 REFERENCE_STUDENT_CPU_S = 108.0  # the paper's reference code, same pipeline at batch 32, on this machine (DESIGN.md §4)
 
@@ -83,6 +85,32 @@ def throughput(arch: str, kwargs: dict, data: TensorBatchDataset, task: str, epo
     return {"plain_samples_per_s": median["plain"], "runner_samples_per_s": median["runner"], "gate_samples_per_s": median["gate"],
             "runner_over_plain": median["runner"] / median["plain"], "gate_epoch_over_teacher_epoch": median["runner"] / median["gate"],
             "repeats": runs}
+
+
+def _gate_workloads() -> dict[str, tuple[str, dict, TensorBatchDataset, str, int]]:
+    """(b')'s models, data and batch sizes: the sine recipe's, LeNet-BN on 28 px images, resnet18 at 64 px."""
+    gen = torch.Generator().manual_seed(0)
+    images = TensorBatchDataset(torch.randn(4096, 1, 28, 28, generator=gen), torch.randint(0, 10, (4096,), generator=gen))
+    resnet = TensorBatchDataset(torch.randn(256, 3, 64, 64, generator=gen), torch.randint(0, 10, (256,), generator=gen))
+    return {
+        "sine_mlp": ("netmerge_sine_mlp", {}, sine_data(10_000, gen), "regression", 32),
+        "lenet_bn": ("netmerge_lenet_bn", {"in_chans": 1, "num_classes": 10}, images, "classification", 128),
+        "resnet18_64px": ("resnet18", {"num_classes": 10}, resnet, "classification", 64),
+    }
+
+
+def gate_over_big(arch: str, kwargs: dict, data: TensorBatchDataset, task: str, batch: int, repeats: int, accelerator) -> dict[str, Any]:
+    """Median seconds of one runner epoch of the big student without gates and of the gate stage, interleaved."""
+    seconds: dict[str, list[float]] = {"big": [], "gate": []}
+    for _ in range(repeats):
+        for kind in seconds:
+            big = hm.concatenate(timm.create_model(arch, **kwargs), timm.create_model(arch, **kwargs))
+            gated = hm.add_gates(big) if kind == "gate" else None
+            samples_per_s = runner(big, data, task, 1, batch, accelerator, gated=gated)
+            seconds[kind].append(len(data) / samples_per_s)
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    return {"batch": batch, "samples": len(data), "big_epoch_s": median["big"], "gate_epoch_s": median["gate"],
+            "gate_over_big": median["gate"] / median["big"], "repeats": seconds}
 
 
 def _rss() -> int:
@@ -174,6 +202,12 @@ def markdown(results: dict, threads: int) -> str:
         lines.append(f"| {key} | {t['plain_samples_per_s']:.0f} | {t['runner_samples_per_s']:.0f} | {t['runner_over_plain']:.2f} "
                      f"({verdict(t['runner_over_plain'] >= TARGETS['runner_over_plain'])}) | {t['gate_epoch_over_teacher_epoch']:.2f} "
                      f"({verdict(t['gate_epoch_over_teacher_epoch'] <= TARGETS['gate_over_teacher'])}) |")
+    if "gate_over_big" in results:
+        lines += ["", "| workload | batch | big student epoch s (no gates) | gate-stage epoch s | (b') gate / big (target ≤ 1.25) |",
+                  "|---|---|---|---|---|"]
+        for key, r in results["gate_over_big"].items():
+            lines.append(f"| {key} | {r['batch']} | {r['big_epoch_s']:.3f} | {r['gate_epoch_s']:.3f} | {r['gate_over_big']:.2f} "
+                         f"({verdict(r['gate_over_big'] <= TARGETS['gate_over_big'])}) |")
     lines += ["", "| model | concatenate s | compress s | (c) total s (target ≤ 1 for resnet50) | gate-stage model params / teacher's "
               "| (c) peak memory building it / teacher bytes (target ≤ 4.5) |", "|---|---|---|---|---|---|"]
     for name, s in results["surgery"].items():
@@ -217,6 +251,11 @@ def main() -> None:
     for key, (arch, kwargs, data, task) in _workloads().items():
         torch.manual_seed(0)
         results["throughput"][key] = throughput(arch, kwargs, data, task, args.epochs, args.repeats, accelerator)
+    results["gate_over_big"] = {}
+    for key, (arch, kwargs, data, task, batch) in _gate_workloads().items():
+        torch.manual_seed(0)
+        results["gate_over_big"][key] = gate_over_big(arch, kwargs, data, task, batch, args.repeats if key != "resnet18_64px" else 3,
+                                                      accelerator)
     for name in ("resnet18", "resnet50"):
         results["surgery"][name] = surgery(name)
     if not args.skip_pipeline:
@@ -230,6 +269,8 @@ def main() -> None:
         ("(a) runner / plain loop", {k: t["runner_over_plain"] for k, t in speeds.items()}, TARGETS["runner_over_plain"]),
         ("(b) gate epoch / teacher epoch", {k: t["gate_epoch_over_teacher_epoch"] for k, t in speeds.items()},
          TARGETS["gate_over_teacher"]),
+        ("(b') gate epoch / big-student epoch", {k: r["gate_over_big"] for k, r in results["gate_over_big"].items()},
+         TARGETS["gate_over_big"]),
         ("(c) concatenate + compress, s", {k: s["total_s"] for k, s in surgeries.items()}, TARGETS["resnet50_surgery_s"]),
         ("(c) peak memory / teacher bytes", {k: s["peak_rss_growth_over_teacher_bytes"] for k, s in surgeries.items()},
          TARGETS["gate_model_memory"]),
