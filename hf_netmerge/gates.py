@@ -481,7 +481,7 @@ class GatedModel(nn.Module):
         """Σ over groups of (1/k − mean P[g>0])² for k teachers: zero when every group keeps 1/k of its units open
         (the paper's half penalty for two)."""
         target = 1.0 / self.teachers
-        if len(self._noisy) == len(self.gates) and not _traced():  # all hard-concrete: one pass over every gate's units
+        if self._noisy and len(self._noisy) == len(self.gates) and not _traced():  # all hard-concrete: one pass over all units
             p_open = torch.sigmoid(self._log_alphas() - BETA * _LOG_RATIO)
             return (target - torch.segment_reduce(p_open, "mean", lengths=self.gate_sizes)).square().sum()
         terms = [(target - gate.prob_open().mean()) ** 2 for gate in self.gates.values()]

@@ -235,6 +235,29 @@ class TwoSites(nn.Module):
         return self.head(self.act2(h + self.inner(h)))
 
 
+def test_each_gate_gets_its_slice_of_the_pass_s_noise_in_one_draw():
+    """The model draws every gate at once: gate k's sample is the formula on its log α and its columns of the pass's
+    noise table, pass after pass."""
+    a, b = make_teacher("netmerge_lenet_bn", {"num_classes": 4}, 0), make_teacher("netmerge_lenet_bn", {"num_classes": 4}, 1)
+    gated = hm.add_gates(hm.concatenate(a, b), noise_seed=9).train()
+    with torch.no_grad():
+        for k, gate in enumerate(gated.gates.values()):
+            gate.log_alpha.copy_(torch.linspace(-3, 3, gate.size) + k)
+    assert len({gate.size for gate in gated.gates.values()}) > 1
+    seen: dict[int, torch.Tensor] = {}
+    for site in gated.model.modules():
+        if isinstance(site, GateSite):  # the pass's sample, read at the site that used it
+            site.register_forward_hook(lambda m, i, o: seen.__setitem__(id(m.gate), m.gate.value(0).detach().clone()))
+    sizes = [gate.size for gate in gated.gates.values()]
+    x = torch.randn(input_shape(a, 6))
+    for p in range(3):
+        seen.clear()
+        gated(x)
+        noise = GateNoise(seed=9).logistic(torch.tensor(p), 6, sum(sizes)).split(sizes, dim=1)
+        for gate, table in zip(gated.gates.values(), noise):
+            torch.testing.assert_close(seen[id(gate)], gates.hard_concrete(gate.log_alpha.detach(), table), rtol=0, atol=1e-6)
+
+
 def test_shared_gate_uses_one_parameter_set_and_one_sample_per_forward():
     spec = MergeSpec(
         "two_sites",
