@@ -221,7 +221,8 @@ def gated_relu(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``relu(x)`` gated by the fp32 gate ``g`` (``(batch | 1, channels)``) without an extra saved activation, on CUDA
     in Triton's two passes where :func:`~hf_netmerge.kernels.serves` says so. Traced passes, and activations under
     :data:`SMALL_ACTIVATION` elements (whose step is per-operation overhead), run it as plain operations: the compiler
-    then decides what to keep, and small ones keep ``relu(x)`` (a few KiB)."""
+    then decides what to keep (traced as the custom function, it compiled to a slower step), and small ones keep
+    ``relu(x)`` (a few KiB)."""
     g = _per_channel(g, x)
     if x.numel() < SMALL_ACTIVATION or _traced():
         return torch.relu(x) * g.to(x.dtype)
