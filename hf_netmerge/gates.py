@@ -347,10 +347,13 @@ class _NoiseBlock:
     counter: torch.Tensor
     version: int
 
+    def tracks(self, passes: torch.Tensor) -> bool:
+        """Whether ``passes`` is the counter this block last advanced, untouched since (so ``next`` is its value)."""
+        return self.counter is passes and self.version == passes._version
+
     def serves(self, passes: torch.Tensor, batch: int, channels: int) -> bool:
         """Whether this block holds the next pass's noise for ``(batch, channels)``, the counter untouched since."""
-        return (self.counter is passes and self.version == passes._version and self.tables.shape[1:] == (batch, channels)
-                and self.next < self.first + len(self.tables))
+        return self.tracks(passes) and self.tables.shape[1:] == (batch, channels) and self.next < self.first + len(self.tables)
 
 
 class GateNoise(nn.Module):
@@ -364,7 +367,8 @@ class GateNoise(nn.Module):
     upcoming passes at once and read their pass's slice: the same numbers for a fraction of the per-operation cost.
     """
 
-    BLOCK = 1 << 16  # noise values hashed at once (256 KiB: the hash's passes over them stay in cache), at most 64 passes
+    BLOCK = 1 << 16  # noise values hashed at once (256 KiB: the hash's passes over them stay in cache) ...
+    BLOCK_PASSES = 64  # ... for at most this many passes
 
     def __init__(self, seed: int, rank: int = 0, world: int = 1) -> None:
         super().__init__()
@@ -392,8 +396,8 @@ class GateNoise(nn.Module):
             return table
         block, passes = self._block, self.passes
         if block is None or not block.serves(passes, batch, channels):
-            first = block.next if block is not None and block.counter is passes and block.version == passes._version else int(passes)
-            count = max(1, min(64, self.BLOCK // max(1, batch * channels)))
+            first = block.next if block is not None and block.tracks(passes) else int(passes)
+            count = max(1, min(self.BLOCK_PASSES, self.BLOCK // max(1, batch * channels)))
             tables = self.logistic(torch.arange(first, first + count, device=passes.device), batch, channels)
             block = _NoiseBlock(tables, first, first, passes, passes._version)
             object.__setattr__(self, "_block", block)  # a plain attribute: not state, recomputed from the counter

@@ -30,12 +30,16 @@ def serves(x: torch.Tensor, g: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _gate_offset(row, channels, g_stride_n, g_stride_c):  # noqa: ANN001, ANN202
+        """Where a strided ``(batch, channels)`` gate holds the gate of activation plane ``row`` (example · channels + channel)."""
+        example = row // channels
+        return example * g_stride_n + (row - example * channels) * g_stride_c
+
+    @triton.jit
     def _forward(x_ptr, g_ptr, y_ptr, elements, plane, channels, g_stride_n, g_stride_c, BLOCK: tl.constexpr):  # noqa: ANN001, N803
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < elements
-        row = offsets // plane
-        example = row // channels
-        g = tl.load(g_ptr + example * g_stride_n + (row - example * channels) * g_stride_c, mask=inside, other=0.0)
+        g = tl.load(g_ptr + _gate_offset(offsets // plane, channels, g_stride_n, g_stride_c), mask=inside, other=0.0)
         x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
         y = tl.maximum(x.to(tl.float32), 0.0) * g
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
@@ -44,8 +48,7 @@ if triton is not None:
     def _backward(dy_ptr, y_ptr, g_ptr, dx_ptr, dg_ptr, plane, channels, g_stride_n, g_stride_c,  # noqa: ANN001, N803
                   BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        example = row // channels
-        g = tl.load(g_ptr + example * g_stride_n + (row - example * channels) * g_stride_c)
+        g = tl.load(g_ptr + _gate_offset(row, channels, g_stride_n, g_stride_c))
         base = row * plane
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, plane, BLOCK):
