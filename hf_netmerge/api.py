@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -82,9 +83,39 @@ def concatenate(teacher_a: nn.Module, teacher_b: nn.Module, *more: nn.Module) ->
     check_teachers(*teachers)
     spec = resolve_spec(teacher_a)
     big = widen_model(teachers, spec)
+    if spec.widths:
+        _check_mean(big, teachers, spec)
     big.netmerge_spec = spec
     big.netmerge_teachers = len(teachers)
     return big
+
+
+def _check_mean(big: nn.Module, teachers: list[nn.Module], spec: MergeSpec) -> None:
+    """Refuse a big student that does not compute the teachers' mean on an example input: its forward splits channels
+    by attributes (``spec.widths``) found by matching values, which a coincidence could get wrong."""
+    from .adapters.traced import example_inputs
+
+    modes = [m.training for m in (big, *teachers)]
+    try:
+        with torch.no_grad():
+            for m in (big, *teachers):
+                m.eval()
+            *smaller, example = example_inputs(teachers[0])
+            for candidate in smaller:  # the first size the model runs on (an Inception needs 75 px), as the trace did
+                with contextlib.suppress(Exception):
+                    teachers[0](candidate)
+                    example = candidate
+                    break
+            mean = torch.stack([logits(t(example)) for t in teachers]).mean(0)
+            error = float((logits(big(example)) - mean).abs().max() / mean.abs().max().clamp_min(1e-6))
+    finally:
+        for m, mode in zip((big, *teachers), modes):
+            m.train(mode)
+    if not error <= 1e-4:
+        raise UnsupportedModelError(
+            f"{spec.architecture}: the big student is off the teachers' mean by {error:.1e} (relative): its forward splits "
+            f"channels by attributes {[w.path for w in spec.widths]}, some of them not what it splits by"
+        )
 
 
 def compress(gated: GatedModel) -> nn.Module:

@@ -221,17 +221,22 @@ def format_spec(spec: MergeSpec) -> str:
         consumers = [c.module + (f" (x{c.expansion})" if c.expansion > 1 else "") + (f" @{c.offset}" if c.offset else "")
                      for c in g.consumers]
         unit = f"  unit {g.unit}" if g.unit > 1 else ""
-        lines.append(f"\n{g.name}  size {g.size}{unit}  [{g.source}]")
-        roles = (("producers", g.producers), ("norms", _at(g, g.norms)), ("grouped", g.channelwise), ("consumers", consumers),
+        tied = f"  tied to {g.tied}" if g.tied else ""
+        lines.append(f"\n{g.name}  size {g.size}{unit}{tied}  [{g.source}]")
+        roles = (("producers", _at(g, g.producers)), ("norms", _at(g, g.norms)), ("grouped", _at(g, g.channelwise)),
+                 ("scales", _at(g, g.scales)), ("consumers", consumers),
                  ("gates at", _at(g, g.gate_sites)))
         for role, names in roles:
             lines.append(f"  {role:<10} {', '.join(names) if names else '-'}")
+    if spec.widths:  # attributes a forward splits by, k times wider in a big student
+        lines.append("")
+        lines += [f"width {w.path} = {w.value}" for w in spec.widths]
     return "\n".join(lines)
 
 
 def _at(group: ChannelGroup, names: tuple[str, ...]) -> list[str]:
-    """``names`` with `` @offset`` where the group starts among a module's channels after a concatenation."""
-    return [n + (f" @{group.offset(n)}" if group.offset(n) else "") for n in names]
+    """``names`` with `` @offset`` where the group starts among a module's channels after a split or a concatenation."""
+    return [n + (f" @{','.join(map(str, group.offsets_of(n)))}" if group.offsets_of(n) != (0,) else "") for n in dict.fromkeys(names)]
 
 
 def _positive(text: str) -> int:

@@ -31,7 +31,7 @@ from torch import nn
 from . import kernels
 from .config import LambdaShape, MergeSchedule
 from .errors import UnsupportedModelError
-from .spec import CALL, ChannelGroup, MergeSpec, mixing_norm, validate_spec
+from .spec import CALL, ChannelGroup, MergeSpec, gate_owner, mixing_norm, validate_spec
 from .surgery import expand_index, group_origin, replace_module
 
 BETA = 2.0 / 3.0
@@ -433,7 +433,7 @@ class GatedModel(nn.Module):
         self.spec = spec
         self.teachers = teachers
         make_gate = make_gate or (lambda size: HardConcreteGate(size, init_mean, init_std))
-        gates = {g.name: make_gate(teachers * g.size // g.unit) for g in spec.groups}
+        gates = {g.name: make_gate(teachers * g.size // g.unit) for g in spec.groups if not g.tied}  # a tied group: its owner's
         for name, gate in gates.items():
             if not isinstance(gate, nn.Module) or not isinstance(gate, Gate):
                 raise UnsupportedModelError(f"the gate for group {name!r} ({type(gate).__name__}) is not an nn.Module implementing Gate")
@@ -449,13 +449,13 @@ class GatedModel(nn.Module):
         groups_at: dict[str, list[tuple[int, ChannelGroup]]] = {}  # site → its groups by offset (several after a concat)
         for g in spec.groups:
             for site in g.gate_sites:
-                groups_at.setdefault(site, []).append((g.offset(site), g))
+                groups_at.setdefault(site, []).extend((offset, g) for offset in g.offsets_of(site))
         calls: dict[str, dict[int, GateSite]] = {}
         for site, parts in groups_at.items():
             (_, first), *rest = sorted(parts, key=lambda part: part[0])
             name, _, call = site.partition(CALL)
-            wrapped = GateSite(model.get_submodule(name), self.gates[first.name], first.unit, site in first.channels_last_sites,
-                               tuple((self.gates[g.name], g.unit) for _, g in rest))
+            wrapped = GateSite(model.get_submodule(name), self.gate_of(first), first.unit, site in first.channels_last_sites,
+                               tuple((self.gate_of(g), g.unit) for _, g in rest))
             if call:
                 calls.setdefault(name, {})[int(call)] = wrapped
             else:
@@ -477,6 +477,10 @@ class GatedModel(nn.Module):
                 gate.clear_sample()
             for site in self._reused:
                 site.restart()
+
+    def gate_of(self, group: ChannelGroup) -> Gate:
+        """The gate of ``group``: its own, or that of the untied group its ties lead to (unit by unit, the same decisions)."""
+        return self.gates[gate_owner(self.spec, group)]
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The gates' parameters (hard-concrete ``log_alpha``; they get their own optimizer)."""
@@ -518,7 +522,7 @@ class GatedModel(nn.Module):
         """Per group, the ``1/k`` of the units with the highest scores (``log_alpha``; ties by index), in original order."""
         keep = {}
         for g in self.spec.groups:
-            scores = self.gates[g.name].scores().detach().cpu()
+            scores = self.gate_of(g).scores().detach().cpu()
             order = torch.argsort(-scores, stable=True)[: g.size // g.unit]
             keep[g.name] = torch.sort(order).values
         return keep
@@ -534,7 +538,7 @@ class GatedModel(nn.Module):
         stats = []
         units, channels = self.keep_units(), self.keep_indices()
         for g in self.spec.groups:
-            gate = self.gates[g.name]
+            gate = self.gate_of(g)
             with torch.no_grad():
                 value = gate.eval_value().cpu()
                 per_teacher = tuple(group_origin(g, channels[g.name], self.teachers))

@@ -16,12 +16,13 @@ from torch import nn
 
 from .adapters import resolve_spec
 from .errors import UnsupportedModelError
-from .spec import ChannelGroup, MergeSpec
+from .spec import ChannelGroup, MergeSpec, channel_dim
 from .surgery import select_model
 
 
 def permute(model: nn.Module, perms: dict[str, torch.Tensor], spec: MergeSpec | None = None) -> nn.Module:
-    """A copy of ``model`` with channel ``perms[g][i]`` of every group ``g`` moved to position ``i`` (same function)."""
+    """A copy of ``model`` with channel ``perms[g][i]`` of every group ``g`` moved to position ``i`` (same function; a
+    group tied to another must move its units as that one does)."""
     return select_model(model, spec or resolve_spec(model), perms, teachers=1)
 
 
@@ -31,17 +32,24 @@ def _rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
     return tensor.detach().float().cpu().reshape(size, -1)
 
 
+def _channels_first(model: nn.Module, name: str, attr: str | None) -> torch.Tensor | None:
+    """Module ``name``'s tensor ``attr`` (None when it has none), or with ``attr`` None the per-channel parameter at path
+    ``name`` with its channels moved to dim 0 (a ViT's position embedding holds them last)."""
+    if attr is not None:
+        return getattr(model.get_submodule(name), attr, None)
+    t = model.get_parameter(name)
+    return t.movedim(channel_dim(t), 0)
+
+
 def _similarity(a: nn.Module, b: nn.Module, group: ChannelGroup) -> torch.Tensor:
     """``[i, j]``: how well channel ``j`` of ``b`` matches channel ``i`` of ``a``, summed over the group's layers."""
     n, total = group.size, torch.zeros(group.size, group.size)
-    for name in (*group.producers, *group.norms, *group.channelwise):
-        for p in ("weight", "bias"):
-            ta, tb = getattr(a.get_submodule(name), p, None), getattr(b.get_submodule(name), p, None)
-            if isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor):  # a norm after a concatenation: this group's part
-                start = group.offset(name) if name in group.norms else 0
+    tensors = [(name, p) for name in dict.fromkeys((*group.producers, *group.norms, *group.channelwise)) for p in ("weight", "bias")]
+    for name, p in [*tensors, *((path, None) for path in group.scales)]:
+        ta, tb = (_channels_first(m, name, p) for m in (a, b))
+        if isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor):
+            for start in group.offsets_of(name):  # the group's part of a layer holding other groups too
                 total += _rows(ta.narrow(0, start, n), n) @ _rows(tb.narrow(0, start, n), n).T
-    for path in group.scales:
-        total += _rows(a.get_parameter(path), n) @ _rows(b.get_parameter(path), n).T
     for consumer in group.consumers:
         wa, wb = (m.get_submodule(consumer.module).weight.narrow(1, consumer.offset * consumer.expansion, n * consumer.expansion)
                   for m in (a, b))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from timm.layers import Linear as TimmLinear
 from timm.layers.grn import GlobalResponseNorm
 from torch import nn
@@ -51,10 +52,17 @@ class ChannelGroup:
     parameters, same noise sample per forward) multiplies every one of them. A site ``name#i``
     is the i-th call of a parameter-free module used several times in one forward pass. ``channelwise`` are
     grouped or depthwise convolutions that map the group onto itself, conv group by conv group;
-    ``scales`` are per-channel parameters (layer scales, as dotted parameter paths). ``unit``
+    ``scales`` are per-channel parameters (as dotted paths: layer scales; a ViT's class token and position embedding,
+    channels on their last dim: see :func:`channel_dim`). ``unit``
     channels share one gate and are kept or dropped together: the widest conv group or GroupNorm
     group of the group's layers (1 when every channel stands alone). ``channels_last_sites`` are the
-    gate sites whose output holds the channels on its last dimension (a ConvNeXt block's MLP).
+    gate sites whose output holds the channels on its last dimension (a ConvNeXt block's MLP). ``offsets`` say where the
+    group starts among the channels of a producer, norm, gate site, grouped convolution or scale that holds other groups'
+    channels too (a concatenation, or a layer whose output is split; 0 when not listed); a module listed several times
+    holds the group several times (a fused q/k/v projection, the two halves of a ghost module). A group ``tied`` to
+    another is written from it by grouped convolutions that change the width (listed in its ``channelwise``: conv group
+    j reads the other group's unit j and writes this group's unit j); the two share one gate, unit by unit, so both keep
+    the same conv groups.
     """
 
     name: str
@@ -69,11 +77,12 @@ class ChannelGroup:
     unit: int = 1
     channels_last_sites: tuple[str, ...] = ()
     offsets: tuple[tuple[str, int], ...] = ()
+    tied: str = ""
 
-    def offset(self, module: str) -> int:
-        """Where this group's channels start among the channels of norm or gate site ``module`` (at teacher width): 0,
-        unless a concatenation put other groups' channels before them (``offsets``)."""
-        return dict(self.offsets).get(module, 0)
+    def offsets_of(self, module: str) -> tuple[int, ...]:
+        """Where this group's channels start among the channels of ``module`` (a module name or scale path, at teacher
+        width), once per time the module holds them: ``(0,)`` unless ``offsets`` lists it."""
+        return tuple(offset for name, offset in self.offsets if name == module) or (0,)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -81,13 +90,28 @@ class ChannelGroup:
 
 
 @dataclass(frozen=True)
+class Width:
+    """A module attribute holding a channel or head count the forward pass splits by (``split_indexes``, ``num_heads``):
+    ``path`` (``module.attribute``) holds ``value`` in a teacher and ``k`` times it (each entry, for a sequence) in a big
+    student of ``k`` teachers."""
+
+    path: str
+    value: int | tuple[int, ...]
+
+    def at(self, teachers: int) -> int | tuple[int, ...]:
+        """The value in a model ``teachers`` wide."""
+        return self.value * teachers if isinstance(self.value, int) else tuple(v * teachers for v in self.value)
+
+
+@dataclass(frozen=True)
 class MergeSpec:
-    """Every channel group of one architecture, at the teachers' width."""
+    """Every channel group of one architecture, at the teachers' width, and the attributes that scale with it."""
 
     architecture: str
     input_layer: str
     output_layer: str
     groups: tuple[ChannelGroup, ...] = field(default_factory=tuple)
+    widths: tuple[Width, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -96,17 +120,17 @@ class MergeSpec:
             "input_layer": self.input_layer,
             "output_layer": self.output_layer,
             "groups": [g.to_dict() for g in self.groups],
+            "widths": [asdict(w) for w in self.widths],
         }
 
     def layer_roles(self) -> dict[str, LayerRole]:
-        """For each weight layer: the group it writes, the groups it reads (with their offsets) and its input expansion."""
+        """For each weight layer: the groups it writes and reads (each with its offset) and its input expansion."""
         roles: dict[str, LayerRole] = {}
         for g in self.groups:
-            for name in g.producers:
+            for name in dict.fromkeys(g.producers):
                 role = roles.get(name, LayerRole())
-                if role.out is not None:
-                    raise UnsupportedModelError(f"module {name!r} produces both {role.out.name!r} and {g.name!r}")
-                roles[name] = replace(role, out=g)
+                outputs = role.outputs + tuple((g, offset) for offset in g.offsets_of(name))
+                roles[name] = replace(role, outputs=tuple(sorted(outputs, key=lambda part: part[1])))
             for c in g.consumers:
                 role = roles.get(c.module, LayerRole())
                 if role.inputs and role.expansion != c.expansion:
@@ -115,30 +139,41 @@ class MergeSpec:
                 roles[c.module] = replace(role, inputs=inputs, expansion=c.expansion)
         return roles
 
-    def norm_groups(self) -> dict[str, tuple[tuple[ChannelGroup, int], ...]]:
+    def norm_groups(self) -> dict[str, Parts]:
         """For each normalization layer, the groups it normalizes with their offsets (several after a concatenation)."""
+        return self._parts(lambda g: g.norms)
+
+    def channelwise_groups(self) -> dict[str, Parts]:
+        """For each grouped or depthwise convolution, the groups it maps onto themselves with their offsets."""
+        return self._parts(lambda g: g.channelwise)
+
+    def scale_groups(self) -> dict[str, Parts]:
+        """For each per-channel scale (a parameter path), the groups it scales with their offsets."""
+        return self._parts(lambda g: g.scales)
+
+    def _parts(self, members: Callable[[ChannelGroup], tuple[str, ...]]) -> dict[str, Parts]:
         parts: dict[str, list[tuple[ChannelGroup, int]]] = {}
         for g in self.groups:
-            for n in g.norms:
-                parts.setdefault(n, []).append((g, g.offset(n)))
+            for n in dict.fromkeys(members(g)):
+                parts.setdefault(n, []).extend((g, offset) for offset in g.offsets_of(n))
         return {n: tuple(sorted(p, key=lambda part: part[1])) for n, p in parts.items()}
 
-    def channelwise_groups(self) -> dict[str, ChannelGroup]:
-        """For each grouped or depthwise convolution, the group it maps onto itself."""
-        return {n: g for g in self.groups for n in g.channelwise}
+
+Parts = tuple[tuple[ChannelGroup, int], ...]  # groups at the channel where each starts, in order
 
 
 @dataclass(frozen=True)
 class LayerRole:
-    """What one weight layer does: the group it writes (None: the averaging head), the groups it reads with the input
-    channel each starts at (empty: the shared network input) and the input features per channel (``expansion``)."""
+    """What one weight layer does: the groups it writes with the output channel each starts at (empty: the averaging
+    head), the groups it reads with the input channel each starts at (empty: the shared network input) and the input
+    features per channel (``expansion``)."""
 
-    out: ChannelGroup | None = None
-    inputs: tuple[tuple[ChannelGroup, int], ...] = ()
+    outputs: Parts = ()
+    inputs: Parts = ()
     expansion: int = 1
 
 
-def tiles(parts: tuple[tuple[ChannelGroup, int], ...]) -> bool:
+def tiles(parts: Parts) -> bool:
     """Whether ``parts`` (groups at offsets) cover their channels exactly once, from 0, in order."""
     start = 0
     for group, offset in parts:
@@ -157,6 +192,12 @@ def exact_weight_layer(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
         return type(module).forward is nn.Conv2d.forward and type(module)._conv_forward is nn.Conv2d._conv_forward
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def channel_dim(t: torch.Tensor) -> int:
+    """Where a per-channel parameter holds its channels: dim 0 of a vector (trailing singleton dims allowed: ``(C, 1, 1)``),
+    else its last dim (a class token ``(1, 1, C)``, a position embedding ``(1, N, C)``)."""
+    return 0 if t.numel() == t.shape[0] else t.dim() - 1
 
 
 def site_module(site: str) -> str:
@@ -219,7 +260,7 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
     roles = spec.layer_roles()
     norms = spec.norm_groups()
     channelwise = spec.channelwise_groups()
-    scales = {path for g in spec.groups for path in g.scales}
+    scales = spec.scale_groups()
     seen_names: set[str] = set()
     for g in spec.groups:
         if not g.name.isidentifier():
@@ -227,7 +268,7 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
         if g.name in seen_names:
             raise UnsupportedModelError(f"channel group {g.name!r} is declared twice")
         seen_names.add(g.name)
-        if not g.producers or not g.gate_sites:
+        if not g.tied and (not g.producers or not g.gate_sites):  # a tied group: written from, and gated by, its owner
             raise UnsupportedModelError(f"channel group {g.name!r} needs producers and a gate site")
         if not set(g.channels_last_sites) <= set(g.gate_sites):
             raise UnsupportedModelError(f"channel group {g.name!r}: its channels-last sites must be gate sites")
@@ -236,14 +277,15 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
         for name in (*g.producers, *g.norms, *g.channelwise, *(c.module for c in g.consumers), *(site_module(s) for s in g.gate_sites)):
             if name not in modules:
                 raise UnsupportedModelError(f"{spec.architecture}: channel group {g.name!r} names a missing module {name!r}")
-        for path in g.scales:
-            if not isinstance(t := params.get(path), nn.Parameter) or t.shape[0] != g.size * width or t.numel() != t.shape[0]:
-                raise UnsupportedModelError(
-                    f"{spec.architecture}: channel group {g.name!r} names {path!r} as a per-channel scale of "
-                    f"{g.size * width} values, which the model does not hold"
-                )
+    for path, parts in scales.items():
+        size = sum(g.size for g, _ in parts) * width
+        if not isinstance(t := params.get(path), nn.Parameter) or t.shape[channel_dim(t)] != size or not tiles(parts):
+            raise UnsupportedModelError(
+                f"{spec.architecture}: channel groups {[g.name for g, _ in parts]} name {path!r} as a per-channel scale "
+                f"of {size} values, which the model does not hold"
+            )
     for name, role in roles.items():
-        module, out_group = modules[name], role.out
+        module = modules[name]
         if not exact_weight_layer(module):
             raise UnsupportedModelError(
                 f"{spec.architecture}: module {name!r} ({type(module).__name__}) is not a supported weight layer"
@@ -253,10 +295,11 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
                 f"{spec.architecture}: module {name!r} is a grouped convolution (groups={module.groups}) that changes "
                 "the channel group; only one mapping a group onto itself (in = out channels) merges"
             )
-        if out_group is not None and _out_size(module) != out_group.size * width:
+        writes = sum(g.size for g, _ in role.outputs) * width
+        if role.outputs and (_out_size(module) != writes or not tiles(role.outputs)):
             raise UnsupportedModelError(
-                f"{spec.architecture}: module {name!r} has {_out_size(module)} outputs, "
-                f"group {out_group.name!r} expects {out_group.size * width}"
+                f"{spec.architecture}: module {name!r} has {_out_size(module)} outputs; its groups "
+                f"{[(g.name, offset) for g, offset in role.outputs]} (name, offset) give {writes}, or leave gaps"
             )
         reads = sum(g.size for g, _ in role.inputs) * width * role.expansion
         if role.inputs and (_in_size(module) != reads or not tiles(role.inputs)):
@@ -264,17 +307,27 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
                 f"{spec.architecture}: module {name!r} has {_in_size(module)} inputs; its groups "
                 f"{[(g.name, offset) for g, offset in role.inputs]} (name, offset) give {reads}, or leave gaps"
             )
-    for name, group in channelwise.items():
+    by_name = {g.name: g for g in spec.groups}
+    for g in spec.groups:
+        if g.tied:
+            _check_tied(spec, g, by_name.get(g.tied), [modules[n] for n in g.channelwise], width)
+    for name, parts in channelwise.items():
         module = modules[name]
-        if not (isinstance(module, nn.Conv2d) and exact_weight_layer(module)) or module.in_channels != module.out_channels:
-            raise UnsupportedModelError(
-                f"{spec.architecture}: module {name!r} ({type(module).__name__}) is not a grouped Conv2d with as many "
-                "outputs as inputs"
-            )
-        if module.out_channels != group.size * width or group.unit % channel_unit(module):
+        if not (isinstance(module, nn.Conv2d) and exact_weight_layer(module)):
+            raise UnsupportedModelError(f"{spec.architecture}: module {name!r} ({type(module).__name__}) is not a grouped Conv2d")
+        if module.in_channels != module.out_channels:
+            if len(parts) != 1 or not parts[0][0].tied:
+                raise UnsupportedModelError(
+                    f"{spec.architecture}: grouped convolution {name!r} changes the width ({module.in_channels} → "
+                    f"{module.out_channels}) but writes no group tied to the group it reads"
+                )
+            continue
+        size = sum(g.size for g, _ in parts) * width
+        if module.out_channels != size or not tiles(parts) or any(g.unit % channel_unit(module) for g, _ in parts):
             raise UnsupportedModelError(
                 f"{spec.architecture}: grouped convolution {name!r} ({module.out_channels} channels, conv groups of "
-                f"{channel_unit(module)}) does not fit group {group.name!r} ({group.size * width} channels, unit {group.unit})"
+                f"{channel_unit(module)}) does not fit its groups {[(g.name, g.unit) for g, _ in parts]} (name, unit), "
+                f"{size} channels"
             )
     for name, parts in norms.items():
         module = modules[name]
@@ -290,17 +343,57 @@ def validate_spec(model: nn.Module, spec: MergeSpec, width: int = 1) -> None:
                 f"{spec.architecture}: norm {name!r} has {_norm_size(module)} channels in groups of {channel_unit(module)}; "
                 f"its groups {[(g.name, g.unit) for g, _ in parts]} (name, unit) expect {size}"
             )
-    if spec.input_layer not in roles or roles[spec.input_layer].inputs:
+    for w in spec.widths:
+        owner, _, attr = w.path.rpartition(".")
+        held = getattr(modules.get(owner), attr, None)
+        if (tuple(held) if isinstance(held, (list, tuple)) else held) != w.at(width):
+            raise UnsupportedModelError(
+                f"{spec.architecture}: attribute {w.path!r} holds {held!r}, not the {w.at(width)!r} of a model {width} wide"
+            )
+    if spec.input_layer not in roles or roles[spec.input_layer].inputs or not roles[spec.input_layer].outputs:
         raise UnsupportedModelError(f"{spec.architecture}: input layer {spec.input_layer!r} must produce a group and consume none")
-    if spec.output_layer not in roles or roles[spec.output_layer].out is not None:
+    if spec.output_layer not in roles or roles[spec.output_layer].outputs:
         raise UnsupportedModelError(f"{spec.architecture}: output layer {spec.output_layer!r} must consume a group and produce none")
     wrapped = {f"{n}.norm" for n in norms if isinstance(modules[n], (SplitNorm, SplitResponseNorm))}
     covered = set(roles) | set(norms) | set(channelwise) | wrapped
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        if own and name not in covered and not all(f"{name}.{n}" in scales for n, _ in own):
+        if own and name not in covered and not all((f"{name}.{n}" if name else n) in scales for n, _ in own):
             raise UnsupportedModelError(
                 f"{spec.architecture}: module {name!r} ({type(module).__name__}) holds weights that no channel group covers"
+            )
+
+
+def gate_owner(spec: MergeSpec, group: ChannelGroup) -> str | None:
+    """The untied group at the end of ``group``'s chain of ties, whose gate it shares (itself when untied); None for a
+    chain that loops or names a missing group."""
+    by_name, seen = {g.name: g for g in spec.groups}, set()
+    while group.tied:
+        if group.name in seen or group.tied not in by_name:
+            return None
+        seen.add(group.name)
+        group = by_name[group.tied]
+    return group.name
+
+
+def _check_tied(spec: MergeSpec, group: ChannelGroup, owner: ChannelGroup | None, convs: list[nn.Module], width: int) -> None:
+    """A tied group: its owner present, as many units, a chain of ties ending at an untied group, and every grouped
+    convolution writing it reading the owner with conv groups that its and the owner's units keep whole, unit for unit."""
+    if owner is None or owner.size // owner.unit != group.size // group.unit or gate_owner(spec, group) is None:
+        raise UnsupportedModelError(
+            f"{spec.architecture}: channel group {group.name!r} is tied to {group.tied!r}, which is missing, has another "
+            "number of units or is tied back to it"
+        )
+    for conv in convs:
+        if conv.in_channels == conv.out_channels:
+            continue
+        per_in, per_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+        if (conv.in_channels, conv.out_channels) != (owner.size * width, group.size * width) or owner.unit % per_in \
+                or group.unit % per_out or owner.unit // per_in != group.unit // per_out:
+            raise UnsupportedModelError(
+                f"{spec.architecture}: grouped convolution ({conv.in_channels} → {conv.out_channels}, groups={conv.groups}) "
+                f"does not map group {owner.name!r} (unit {owner.unit}) onto {group.name!r} (unit {group.unit}) conv group by "
+                "conv group"
             )
 
 

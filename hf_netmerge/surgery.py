@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .models.split_norm import SplitNorm, SplitResponseNorm, response_norm_layout
-from .spec import ChannelGroup, MergeSpec, channel_unit
+from .spec import ChannelGroup, MergeSpec, Parts, Width, channel_dim, channel_unit
 
 
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -39,6 +39,13 @@ def expand_index(index: torch.Tensor, expansion: int) -> torch.Tensor:
     if expansion == 1:
         return index
     return (index[:, None] * expansion + torch.arange(expansion, device=index.device)).reshape(-1)
+
+
+def teacher_features(parts: list[tuple[int, int]], teacher: int, teachers: int) -> torch.Tensor:
+    """Where the big student holds each of teacher ``teacher``'s features of a layer covering ``parts`` (``(start, size)``
+    in a teacher's features, tiling them in order): part by part, every teacher's slice in turn, so feature ``start + j``
+    sits at ``teachers·start + teacher·size + j``."""
+    return torch.cat([teachers * start + teacher * size + torch.arange(size) for start, size in parts])
 
 
 def _joined(
@@ -71,36 +78,35 @@ class WeightSurgeon:
     """Linear and Conv2d: output channels on dim 0 of the weight, input channels on dim 1."""
 
     @staticmethod
-    def widen(layers: list[nn.Module], stack_out: bool, in_parts: list[tuple[int, int]] | None) -> nn.Module:
-        """Concatenate k layers.
+    def widen(layers: list[nn.Module], out_parts: list[tuple[int, int]] | None, in_parts: list[tuple[int, int]] | None) -> nn.Module:
+        """Concatenate k layers block-diagonally: teacher i's rows read only teacher i's features.
 
-        ``stack_out``: outputs stacked ``[L1; …; Lk]`` (else averaged: the head). ``in_parts``: the ``(start, size)``
-        input features of each group the layer reads (several after a concatenation), each widened block-diagonally:
-        teacher i's rows read only teacher i's features of every part; None: the input is shared (the first layer).
+        ``out_parts`` / ``in_parts``: the ``(start, size)`` output / input features of each group the layer writes /
+        reads (several after a split or a concatenation), each laid out part by part, teacher by teacher (see
+        :func:`teacher_features`). ``out_parts`` None: the outputs are averaged (the head); ``in_parts`` None: the
+        input is shared (the first layer).
         """
+        if out_parts is None and in_parts is None:
+            raise ValueError("a merged layer must widen its inputs, its outputs or both")
         weights = [m.weight.detach() for m in layers]
         first, k = weights[0], len(weights)
-        if in_parts is None:
-            if not stack_out:
-                raise ValueError("a merged layer must widen its inputs, its outputs or both")
-            w = torch.cat(weights, 0)
-        else:
-            rows = first.shape[0]
-            w = first.new_zeros((k * rows if stack_out else rows, k * first.shape[1], *first.shape[2:]))
-            column = 0
-            for start, size in in_parts:
-                for i, x in enumerate(weights):
-                    block = x[:, start : start + size]
-                    if stack_out:
-                        w[i * rows : (i + 1) * rows, column : column + size] = block
-                    else:
-                        w[:, column : column + size] = block / k
-                    column += size
+        shape = (first.shape[0] * (1 if out_parts is None else k), first.shape[1] * (1 if in_parts is None else k))
+        w = first.new_zeros((*shape, *first.shape[2:]))
+        rows = [torch.arange(shape[0]) if out_parts is None else teacher_features(out_parts, i, k) for i in range(k)]
+        for i, x in enumerate(weights):
+            columns = torch.arange(shape[1]) if in_parts is None else teacher_features(in_parts, i, k)
+            w[rows[i][:, None], columns[None, :]] = x if out_parts is not None else x / k
         out = _shell(layers[0], ("weight", "bias"))
         out.weight = _param(w, layers[0].weight)
         if layers[0].bias is not None:
             biases = [m.bias.detach() for m in layers]
-            out.bias = _param(torch.cat(biases) if stack_out else torch.stack(biases).sum(0) / k, layers[0].bias)
+            if out_parts is None:
+                bias = torch.stack(biases).mean(0)
+            else:
+                bias = biases[0].new_empty(shape[0])
+                for i, b in enumerate(biases):
+                    bias[rows[i]] = b
+            out.bias = _param(bias, layers[0].bias)
         _set_sizes(out, w.shape[0], w.shape[1])
         return out
 
@@ -121,27 +127,29 @@ class WeightSurgeon:
 
 
 class GroupedConvSurgeon:
-    """A grouped or depthwise Conv2d mapping a group onto itself: each output row reads only its own conv group,
-    so widening stacks the rows (k times the conv groups) and selecting keeps whole conv groups' rows."""
+    """A grouped or depthwise Conv2d mapping a group onto itself, or onto a group tied to it (a width-changing one): each
+    output row reads only its own conv group, so widening stacks the rows (k times the conv groups) and selecting keeps
+    whole conv groups' rows."""
 
     @staticmethod
-    def widen(layers: list[nn.Module]) -> nn.Module:
-        """Concatenate k grouped convolutions: the teachers' conv groups side by side."""
+    def widen(layers: list[nn.Module], parts: list[tuple[int, int]]) -> nn.Module:
+        """Concatenate k grouped convolutions: the teachers' conv groups side by side, part by part (``(start, size)`` of
+        each group the convolution maps; conv groups never straddle two)."""
         out = _shell(layers[0], ("weight", "bias"))
-        out.weight = _joined([m.weight for m in layers], layers[0].weight)
-        out.bias = _joined([m.bias for m in layers], layers[0].bias)
+        out.weight = _joined([m.weight for m in layers], layers[0].weight, parts)
+        out.bias = _joined([m.bias for m in layers], layers[0].bias, parts)
         out.groups = layers[0].groups * len(layers)
-        _set_sizes(out, out.weight.shape[0], out.weight.shape[0])
+        _set_sizes(out, out.weight.shape[0], layers[0].in_channels * len(layers))
         return out
 
     @staticmethod
     def select(m: nn.Module, index: torch.Tensor) -> nn.Module:
-        """Keep channels ``index`` (whole conv groups: the spec's unit guarantees it)."""
+        """Keep output channels ``index`` (whole conv groups: the spec's unit guarantees it) and the inputs they read."""
         out = _shell(m, ("weight", "bias"))
         out.weight = _selected(m.weight, index)
         out.bias = _selected(m.bias, index)
-        out.groups = int(index.numel()) // channel_unit(m)
-        _set_sizes(out, int(index.numel()), int(index.numel()))
+        out.groups = int(index.numel()) // (m.out_channels // m.groups)
+        _set_sizes(out, int(index.numel()), out.groups * channel_unit(m))
         return out
 
 
@@ -193,20 +201,34 @@ class NormSurgeon:
 
 
 class ScaleSurgeon:
-    """A per-channel parameter held by a module (a layer scale's ``gamma``): concatenated, or indexed."""
+    """A per-channel parameter held by a module (a layer scale's ``gamma``, a ViT's class token or position embedding,
+    channels on the dim :func:`~hf_netmerge.spec.channel_dim` finds): concatenated, or indexed."""
 
     @staticmethod
-    def widen(root: nn.Module, path: str, teachers: list[nn.Module]) -> None:
-        """Set parameter ``path`` of ``root`` to the teachers' ``path`` side by side."""
+    def widen(root: nn.Module, path: str, teachers: list[nn.Module], parts: list[tuple[int, int]]) -> None:
+        """Set parameter ``path`` of ``root`` to the teachers' ``path`` side by side, part by part."""
         owner, _, attr = path.rpartition(".")
         tensors = [t.get_parameter(path) for t in teachers]
-        setattr(root.get_submodule(owner), attr, _joined(tensors, tensors[0]))
+        dim = channel_dim(tensors[0])
+        moved = [t.detach().movedim(dim, 0) for t in tensors]
+        joined = torch.cat([t[start : start + size] for start, size in parts for t in moved]).movedim(0, dim)
+        setattr(root.get_submodule(owner), attr, _param(joined, tensors[0]))
 
     @staticmethod
     def select(root: nn.Module, path: str, index: torch.Tensor) -> None:
         """Keep the entries ``index`` of parameter ``path`` of ``root``."""
         owner, _, attr = path.rpartition(".")
-        setattr(root.get_submodule(owner), attr, _selected(root.get_parameter(path), index))
+        t = root.get_parameter(path)
+        setattr(root.get_submodule(owner), attr, _param(t.detach().index_select(channel_dim(t), index.to(t.device)), t))
+
+
+def set_widths(root: nn.Module, widths: tuple[Width, ...], teachers: int) -> None:
+    """Set every width attribute of ``root`` to its value in a model ``teachers`` wide (a list stays a list)."""
+    for width in widths:
+        owner, _, attr = width.path.rpartition(".")
+        module = root.get_submodule(owner)
+        value = width.at(teachers)
+        setattr(module, attr, value if isinstance(value, int) else type(getattr(module, attr))(value))
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -222,13 +244,13 @@ def _copy_skipping(root: nn.Module, names: list[str]) -> nn.Module:
     return copy.deepcopy(root, memo)
 
 
-def _feature_parts(parts: tuple[tuple[ChannelGroup, int], ...], expansion: int = 1) -> list[tuple[int, int]]:
-    """The ``(start, size)`` slices, in a teacher's features, of the groups a layer reads at their offsets."""
+def _feature_parts(parts: Parts, expansion: int = 1) -> list[tuple[int, int]]:
+    """The ``(start, size)`` slices, in a teacher's features, of the groups a layer holds at their offsets."""
     return [(offset * expansion, g.size * expansion) for g, offset in parts]
 
 
-def _kept(parts: tuple[tuple[ChannelGroup, int], ...], keep: dict[str, torch.Tensor], teachers: int) -> torch.Tensor:
-    """The big student's channels kept of a layer reading ``parts``: each group's kept channels past its k-wide offset."""
+def _kept(parts: Parts, keep: dict[str, torch.Tensor], teachers: int) -> torch.Tensor:
+    """The big student's channels kept of a layer holding ``parts``: each group's kept channels past its k-wide offset."""
     return torch.cat([teachers * offset + keep[g.name] for g, offset in parts])
 
 
@@ -238,14 +260,16 @@ def widen_model(teachers: list[nn.Module], spec: MergeSpec) -> nn.Module:
     big = _copy_skipping(teachers[0], [*roles, *norms, *channelwise])
     tables = [dict(t.named_modules()) for t in teachers]
     for name, role in roles.items():
+        out_parts = _feature_parts(role.outputs) if role.outputs else None
         in_parts = _feature_parts(role.inputs, role.expansion) if role.inputs else None
-        replace_module(big, name, WeightSurgeon.widen([m[name] for m in tables], role.out is not None, in_parts))
+        replace_module(big, name, WeightSurgeon.widen([m[name] for m in tables], out_parts, in_parts))
     for name, parts in norms.items():
         replace_module(big, name, NormSurgeon.widen([m[name] for m in tables], _feature_parts(parts)))
-    for name in channelwise:
-        replace_module(big, name, GroupedConvSurgeon.widen([m[name] for m in tables]))
-    for path in (p for g in spec.groups for p in g.scales):
-        ScaleSurgeon.widen(big, path, teachers)
+    for name, parts in channelwise.items():
+        replace_module(big, name, GroupedConvSurgeon.widen([m[name] for m in tables], _feature_parts(parts)))
+    for path, parts in spec.scale_groups().items():
+        ScaleSurgeon.widen(big, path, teachers, _feature_parts(parts))
+    set_widths(big, spec.widths, len(teachers))
     return big
 
 
@@ -255,16 +279,16 @@ def select_model(big: nn.Module, spec: MergeSpec, keep: dict[str, torch.Tensor],
     roles, norms, channelwise = spec.layer_roles(), spec.norm_groups(), spec.channelwise_groups()
     small = _copy_skipping(big, [*roles, *norms, *channelwise])
     for name, role in roles.items():
-        out_index = keep[role.out.name] if role.out is not None else None
+        out_index = _kept(role.outputs, keep, teachers) if role.outputs else None
         in_index = expand_index(_kept(role.inputs, keep, teachers), role.expansion) if role.inputs else None
         replace_module(small, name, WeightSurgeon.select(big.get_submodule(name), out_index, in_index))
     for name, parts in norms.items():
         replace_module(small, name, NormSurgeon.select(big.get_submodule(name), _kept(parts, keep, teachers)))
-    for name, group in channelwise.items():
-        replace_module(small, name, GroupedConvSurgeon.select(big.get_submodule(name), keep[group.name]))
-    for group in spec.groups:
-        for path in group.scales:
-            ScaleSurgeon.select(small, path, keep[group.name])
+    for name, parts in channelwise.items():
+        replace_module(small, name, GroupedConvSurgeon.select(big.get_submodule(name), _kept(parts, keep, teachers)))
+    for path, parts in spec.scale_groups().items():
+        ScaleSurgeon.select(small, path, _kept(parts, keep, teachers))
+    set_widths(small, spec.widths, 1)
     return small
 
 
@@ -282,5 +306,7 @@ __all__ = [
     "group_origin",
     "replace_module",
     "select_model",
+    "set_widths",
+    "teacher_features",
     "widen_model",
 ]

@@ -4,6 +4,8 @@ The invariants over every architecture are in tests/test_invariants.py."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import timm
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 
 import hf_netmerge as hm
 from hf_netmerge.adapters import declared_spec, resolve_spec
+from hf_netmerge.surgery import widen_model
 from hf_netmerge.cli import main
 from hf_netmerge.gates import GateSite
 
@@ -67,9 +70,10 @@ class Tiny(nn.Module):
     """conv → ``middle`` → pool → linear: one op or layer under test between a conv and the head."""
 
     def __init__(self, middle: nn.Module | None = None, gamma: torch.Tensor | None = None, sigmoid: bool = False,
-                 permute: tuple[int, ...] | None = None) -> None:
+                 permute: tuple[int, ...] | None = None, index: tuple | None = None) -> None:
         super().__init__()
         self.permute = permute
+        self.index = index
         self.conv = nn.Conv2d(3, 8, 3)
         self.act = nn.ReLU()
         self.middle = middle or nn.Identity()
@@ -82,6 +86,8 @@ class Tiny(nn.Module):
 
     def forward(self, x):
         x = self.middle(self.act(self.conv(x)))
+        if self.index is not None:
+            x = x[self.index]
         if hasattr(self, "gamma"):
             x = x * self.gamma
         if self.sigmoid:
@@ -97,13 +103,16 @@ class Tiny(nn.Module):
         (lambda: Tiny(permute=(0, 1, 3, 2)), r"op 'permute' in module '<root>' \(Tiny\) reorders dimensions \(0, 1, 3, 2\)"),
         (lambda: Tiny(permute=(0, 2, 3, 1)), r"module 'pool' \(AdaptiveAvgPool2d\) reads a channels-last tensor"),
         (lambda: timm.create_model("nf_resnet26"), r"ScaledStdConv2d"),
-        (lambda: timm.create_model("ghostnet_050"), r"op '__getitem__' in module 'blocks.0.0.ghost1' \(GhostModule\)"),
+        (lambda: Tiny(index=(slice(None), slice(None, None, 2))), r"op '__getitem__' in module '<root>' \(Tiny\) takes every 2th"),
+        (lambda: Tiny(index=(slice(None), slice(0, 5))),
+         r"op '__getitem__' in module '<root>' \(Tiny\) splits channels at \[5\], which no attribute of the module holds"),
         (lambda: Tiny(gamma=torch.ones(8, 1, 1)),  # a 3-d layer scale held by the root: refused at the op using it
          r"op 'mul' in module '<root>' \(Tiny\) uses a parameter of its module other than as a \(1, C, 1, 1\) per-channel view"),
-        (lambda: Tiny(nn.Conv2d(8, 16, 3, groups=4)), r"module 'middle' is a grouped convolution \(groups=4\) from 8 to 16"),
+        (lambda: nn.Sequential(nn.Conv2d(3, 6, 3, groups=3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2)),
+         r"module '0' is a grouped convolution \(groups=3\) from 3 to 6 channels on the network input"),
         (lambda: Tiny(sigmoid=True), r"module 'fc' reads channels that passed no activation where a gate can sit \(a sigmoid"),
     ],
-    ids=["permute", "pool-channels-last", "weight-standardized", "slicing", "layer-scale-3d", "grouped-widening", "sigmoid-read"],
+    ids=["permute", "pool-channels-last", "weight-standardized", "strided-slice", "unheld-slice", "layer-scale-3d", "grouped-widening-input", "sigmoid-read"],
 )
 def test_unmergeable_models_get_a_typed_error_naming_the_module(make, match):
     model = make()
@@ -178,7 +187,7 @@ def test_a_concatenation_is_read_group_by_group_at_its_offsets():
     spec = resolve_spec(a)
     norm, conv = "features.denseblock1.denselayer2.norm1", "features.denseblock1.denselayer2.conv1"
     stem, first = (next(g for g in spec.groups if p in g.producers) for p in ("features.conv0", "features.denseblock1.denselayer1.conv2"))
-    assert (stem.offset(norm), first.offset(norm)) == (0, 64) and norm in first.gate_sites
+    assert (stem.offsets_of(norm), first.offsets_of(norm)) == ((0,), (64,)) and norm in first.gate_sites
     assert {(c.module, c.offset) for c in first.consumers} >= {(conv, 64)}
     big = hm.concatenate(a, b)
     parts = [a.get_submodule(norm).running_mean[:64], b.get_submodule(norm).running_mean[:64],
@@ -189,7 +198,7 @@ def test_a_concatenation_is_read_group_by_group_at_its_offsets():
 def test_distilled_heads_are_both_averaged_over_the_teachers():
     """repvit_m1 averages a classifier and a distillation head: both become heads of the big student."""
     spec = resolve_spec(timm.create_model("repvit_m1"))
-    heads = [name for name, role in spec.layer_roles().items() if role.out is None]
+    heads = [name for name, role in spec.layer_roles().items() if not role.outputs]
     assert sorted(heads) == ["head.head.l", "head.head_dist.l"] and spec.output_layer in heads
 
 
@@ -264,6 +273,99 @@ def test_merge_models_trains_gates_and_compresses(name, kwargs):
     assert len(result.gate_stats) == len(resolve_spec(a).groups)
 
 
+class SplitByAttribute(nn.Module):
+    """conv → split at ``self.half`` → an inner conv on the first half → concatenated again, divided by ``self.scale``."""
+
+    def __init__(self, scale: int) -> None:
+        super().__init__()
+        self.conv, self.act, self.half = nn.Conv2d(3, 8, 3), nn.ReLU(), 4
+        self.inner, self.inner_act = nn.Conv2d(4, 4, 1), nn.ReLU()
+        self.scale = scale
+        self.pool, self.flatten, self.fc = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)
+
+    def forward(self, x):
+        left, right = self.act(self.conv(x)).split(self.half, dim=1)
+        y = torch.cat([self.inner_act(self.inner(left)), right], 1) / self.scale
+        return self.fc(self.flatten(self.pool(y)))
+
+
+def test_a_width_changing_grouped_convolution_ties_its_output_group_to_its_input_group():
+    """Conv 3→8, then a grouped conv 8→16 in 4 conv groups: its output group is tied to its input group (one gate, unit
+    2 in, 4 out), the big student has 8 conv groups and is the teachers' mean, and compression keeps the same conv groups
+    on both sides: the student equals the gated model and loads strictly."""
+    model = lambda: Tiny(nn.Conv2d(8, 16, 3, groups=4, bias=False))  # noqa: E731
+    torch.manual_seed(0)
+    a = model().eval()
+    torch.manual_seed(1)
+    b = model().eval()
+    spec = resolve_spec_with_example(a)
+    (first, second) = spec.groups
+    assert (first.unit, second.unit, second.tied, second.channelwise) == (2, 4, first.name, ("middle",))
+    x = torch.randn(2, 3, 8, 8)
+    big = widen_model([a, b], spec).eval()
+    big.netmerge_spec, big.netmerge_teachers = spec, 2
+    assert big.middle.groups == 8
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), (a(x) + b(x)) / 2)
+    gated = hm.add_gates(big)
+    assert list(gated.gates) == [first.name] and gated.gate_of(second) is gated.gates[first.name]
+    with torch.no_grad():
+        gated.gates[first.name].log_alpha.copy_(torch.tensor([8.0, -8.0, -8.0, 8.0, 8.0, -8.0, 8.0, -8.0]))
+    gated.eval()
+    student = hm.compress(gated).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), gated(x))
+    model().load_state_dict(student.state_dict(), strict=True)
+    assert student.middle.groups == 4
+
+
+def test_a_split_becomes_two_groups_and_its_size_attribute_doubles_in_the_big_student():
+    """The split's halves are two groups written by one conv at offsets 0 and 4; ``half`` holds the size the forward
+    splits by, so the big student holds 8 there (each half then gets both teachers' part) and the student 4 again."""
+    torch.manual_seed(0)
+    a = SplitByAttribute(scale=3)
+    torch.manual_seed(1)
+    b = SplitByAttribute(scale=3)
+    big = hm.concatenate(a, b).eval()
+    spec = big.netmerge_spec
+    assert [w.path for w in spec.widths] == ["half"] and big.half == 8
+    assert sorted(g.offsets_of("conv") for g in spec.groups if "conv" in g.producers) == [(0,), (4,)]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), (a(x) + b(x)) / 2)
+    assert hm.compress(hm.add_gates(big)).half == 4
+
+
+def test_a_big_student_off_the_teachers_mean_is_refused_when_an_attribute_only_matched_by_value():
+    """``scale`` holds the split size by coincidence (a divisor): doubled with ``half``, the big student would not be the
+    teachers' mean, and concatenate refuses it, naming the attributes."""
+    with pytest.raises(hm.UnsupportedModelError, match=r"off the teachers' mean .* attributes \['half', 'scale'\]"):
+        hm.concatenate(SplitByAttribute(scale=4), SplitByAttribute(scale=4))
+
+
+def test_a_small_vit_merges_end_to_end_and_reloads_with_timm(tmp_path):
+    """Two small ViTs merged through merge_models: gates per head, MLP neuron and stream channel; whole heads kept; the
+    student, saved in timm's layout, reloads with ``timm.create_model("local-dir:...")`` as the same network (its
+    ``embed_dim``, depth and ``num_heads`` recorded), and the record flags the stream as inexactly compressed."""
+    kwargs = {"img_size": 32, "patch_size": 8, "num_classes": 5, "embed_dim": 32, "depth": 2, "num_heads": 4}
+    a, b, kwargs = _teachers("vit_tiny_patch16_224", kwargs)
+    data = image_dataset(32, 5, size=32, seed=0)
+    config = hm.MergeConfig(gate_epochs=1, finetune_epochs=1, batch_size=16, image_size=32)
+    result = hm.merge_models(a, b, data, data, config, run=QUIET)
+    stats = {s.group: s for s in result.gate_stats}
+    assert stats["blocks_0_heads"].unit == 8 and stats["blocks_0_heads"].kept == 32
+    assert stats["blocks_0_heads"].exact_compression and "stream" in {g for g, s in stats.items() if s.unit == 1}
+    out = result.save_pretrained(tmp_path / "student")
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert [blk.attn.num_heads for blk in loaded.blocks] == [4, 4] and loaded.embed_dim == 32
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.student.eval()(x))
+    record = json.loads((out / "netmerge_config.json").read_text())
+    stream = next(g for g in record["gate_stats"] if g["group"] == "stream")
+    assert stream["exact_compression"] == (max(stream["kept_per_teacher"]) == 32)
+
+
 def test_inspect_prints_groups(capsys):
     assert main(["inspect", "resnet18"]) == 0
     out = capsys.readouterr().out
@@ -273,5 +375,9 @@ def test_inspect_prints_groups(capsys):
     assert main(["inspect", "regnetx_002"]) == 0
     out = capsys.readouterr().out
     assert "unit 8" in out and "grouped    s1.b1.conv2.conv" in out
-    assert main(["inspect", "ghostnet_050"]) == 2
-    assert "op '__getitem__'" in capsys.readouterr().err
+    assert main(["inspect", "fasternet_t0"]) == 0
+    out = capsys.readouterr().out
+    assert "producers  patch_embed.proj @10, stages.0.blocks.0.mlp.3 @10" in out
+    assert "width stages.0.blocks.0.spatial_mixing.dim_conv3 = 10" in out
+    assert main(["inspect", "skresnet18"]) == 2
+    assert "op 'stack'" in capsys.readouterr().err

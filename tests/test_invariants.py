@@ -5,16 +5,19 @@ invariants of channel permutations, which weight matching (the align-and-average
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 
 import pytest
 import timm
 import torch
-from conftest import ARCHITECTURES, arch_ids, input_shape, make_teacher
+from conftest import ARCHITECTURES, NORM_GAP, arch_ids, input_shape, make_teacher
 
 import hf_netmerge as hm
 from hf_netmerge.adapters import resolve_spec
+from hf_netmerge.formats import create_model, logits
 from hf_netmerge.gates import BETA, GAMMA, ZETA
 from hf_netmerge.matching import match_weights, permute
+from hf_netmerge.spec import gate_owner
 from hf_netmerge.surgery import expand_index
 
 
@@ -41,9 +44,10 @@ def test_big_student_equals_teacher_mean(name, kwargs):
         assert (ya - yb).abs().max() > 1e-2 * ya.abs().max()  # the teachers really differ
         big = hm.concatenate(a, b).eval()
         _assert_same(big(x), (ya + yb) / 2)
+    for name, role in big.netmerge_spec.layer_roles().items():  # each producer: twice the groups it writes
+        if role.outputs:
+            assert big.get_submodule(name).weight.shape[0] == 2 * sum(g.size for g, _ in role.outputs)
     for g in big.netmerge_spec.groups:
-        for p in g.producers:
-            assert big.get_submodule(p).weight.shape[0] == 2 * g.size
         for c in g.channelwise:  # a grouped conv: the teachers' conv groups side by side
             assert big.get_submodule(c).groups == 2 * a.get_submodule(c).groups
 
@@ -70,10 +74,45 @@ def test_compressed_student_equals_masked_big_student_and_loads_strictly(name, k
     assert type(student) is type(a) and not hasattr(student, "netmerge_spec")
 
 
+@pytest.mark.parametrize("name,kwargs", NORM_GAP, ids=arch_ids(NORM_GAP))
+def test_layer_normed_models_merge_exactly_and_report_their_compression_gap(name, kwargs):
+    """A big student of LayerNormed teachers is their exact mean (each teacher's part normalized alone); compressed to
+    one teacher's channels of every group it equals the gated model and loads strictly into the teachers' class (for a
+    ViT: whole heads kept, the same head count); keeping channels of both under one LayerNorm is inexact, and the
+    statistics say which groups."""
+    a, b = make_teacher(name, kwargs, 0), make_teacher(name, kwargs, 1)
+    x = torch.randn(input_shape(a, 4))
+    big = hm.concatenate(a, b).eval()
+    with torch.no_grad():
+        _assert_same(logits(big(x)), (logits(a(x)) + logits(b(x))) / 2)
+    gated = hm.add_gates(big)
+    with torch.no_grad():
+        for gate in gated.gates.values():  # teacher A's part of every group open, B's closed
+            gate.log_alpha.copy_(torch.where(torch.arange(gate.size) < gate.size // 2, 8.0, -8.0))
+        gated.eval()
+        student = hm.compress(gated).eval()
+        _assert_same(logits(student(x)), logits(gated(x)))
+        assert all(s.exact_compression for s in gated.statistics())
+        _force_half_open(gated, 4)
+        inexact = {s.group for s in gated.statistics() if not s.exact_compression}
+        assert inexact and inexact <= gated.mixed_norm_groups
+        assert float((logits(hm.compress(gated).eval()(x)) - logits(gated(x))).abs().max()) > 1e-4
+    fresh = create_model(name, kwargs)
+    fresh.load_state_dict(student.state_dict(), strict=True)
+    for width in big.netmerge_spec.widths:  # num_heads and the like: the teachers' again
+        assert attrgetter(width.path)(student) == attrgetter(width.path)(fresh) == width.value
+    permuted = permute(a, _random_perms(a, 1)).eval()
+    with torch.no_grad():
+        _assert_same(logits(permuted(x)), logits(a(x)))
+
+
 def _random_perms(model, seed: int) -> dict[str, torch.Tensor]:
-    """A random permutation of every group's units (conv groups, norm groups), as channel indices."""
-    gen = torch.Generator().manual_seed(seed)
-    return {g.name: expand_index(torch.randperm(g.size // g.unit, generator=gen), g.unit) for g in resolve_spec(model).groups}
+    """A random permutation of every group's units (conv groups, norm groups), as channel indices; tied groups follow
+    their owner's."""
+    gen, spec = torch.Generator().manual_seed(seed), resolve_spec(model)
+    units: dict[str, torch.Tensor] = {}  # a tied group keeps its owner's conv groups: the same permutation of units
+    return {g.name: expand_index(units.setdefault(gate_owner(spec, g), torch.randperm(g.size // g.unit, generator=gen)), g.unit)
+            for g in spec.groups}
 
 
 @pytest.mark.parametrize("name,kwargs", ARCHITECTURES, ids=arch_ids(ARCHITECTURES))

@@ -100,7 +100,7 @@ def test_spec_validation_refuses_wrong_sizes_and_missing_modules():
     del model.extra
     model.forward = lambda x: model.head(model.act(model.fc(x)))
     validate_spec(model, _spec())
-    with pytest.raises(hm.UnsupportedModelError, match="expects 6"):
+    with pytest.raises(hm.UnsupportedModelError, match="give 6, or leave gaps"):
         validate_spec(model, _spec(group=ChannelGroup("h", 6, ("fc",), (Consumer("head"),), ("act",))))
     with pytest.raises(hm.UnsupportedModelError, match="missing module 'nope'"):
         validate_spec(model, _spec(group=ChannelGroup("h", 8, ("fc",), (Consumer("nope"),), ("act",))))

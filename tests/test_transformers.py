@@ -34,10 +34,12 @@ TINY = [
     ("transformers:mobilenet_v2", {"depth_multiplier": 0.25, "image_size": 32, "num_labels": 4}),
     ("transformers:efficientnet", {"width_coefficient": 0.1, "depth_coefficient": 0.1, "hidden_dim": 128, "image_size": 32,
                                    "num_labels": 4}),
+    ("transformers:vit", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+                          "image_size": 32, "patch_size": 8, "num_labels": 4}),  # declared: heads gated on v
 ]
-IDS = ["resnet", "resnet-bottleneck-gray", "convnext", "convnextv2", "regnet", "mobilenet_v2", "efficientnet"]
+IDS = ["resnet", "resnet-bottleneck-gray", "convnext", "convnextv2", "regnet", "mobilenet_v2", "efficientnet", "vit"]
 # their stream's LayerNorms (and V2's global response norms) make compression inexact (the gap is measured)
-LAYER_NORMED = {"transformers:convnext", "transformers:convnextv2"}
+LAYER_NORMED = {"transformers:convnext", "transformers:convnextv2", "transformers:vit"}
 FAST = hm.MergeConfig(gate_epochs=1, finetune_epochs=1, batch_size=16)
 
 
@@ -181,11 +183,11 @@ def test_a_recipe_architecture_names_a_transformers_model_type():
 
 
 def test_refusals_name_the_model_type_and_the_module(tmp_path):
-    vit = create_model("transformers:vit", {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                            "intermediate_size": 32, "image_size": 32, "patch_size": 8, "num_labels": 3})
+    swin = create_model("transformers:swin", {"embed_dim": 8, "depths": [1], "num_heads": [2], "image_size": 32, "patch_size": 4,
+                                              "window_size": 4, "num_labels": 3})
     with pytest.raises(hm.UnsupportedModelError,
-                       match=r"^transformers:vit: op 'flatten' in module 'vit.embeddings.patch_embeddings' \(ViTPatchEmbeddings\)"):
-        hm.concatenate(vit, vit)
+                       match=r"^transformers:swin: op 'flatten' in module 'swin.embeddings.patch_embeddings' \(SwinPatchEmbeddings\)"):
+        hm.concatenate(swin, swin)
     bert = transformers.BertModel(transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                           intermediate_size=32))
     bert.save_pretrained(tmp_path / "bert")

@@ -17,11 +17,12 @@ from ..formats import architecture_name
 from ..spec import MergeSpec, validate_spec
 
 Adapter = Callable[[nn.Module], MergeSpec | None]
-_ADAPTERS: dict[type[nn.Module], Adapter] = {}
+_ADAPTERS: dict[type[nn.Module] | str, Adapter] = {}
 
 
-def register_adapter(*classes: type[nn.Module]) -> Callable[[Adapter], Adapter]:
-    """Register ``fn`` as the adapter for ``classes`` (exact classes, not subclasses)."""
+def register_adapter(*classes: type[nn.Module] | str) -> Callable[[Adapter], Adapter]:
+    """Register ``fn`` as the adapter for ``classes`` (exact classes, not subclasses), each a class or its qualified name
+    (``module.Class``: a class of an optional library, registered without importing it)."""
 
     def wrap(fn: Adapter) -> Adapter:
         for cls in classes:
@@ -33,7 +34,8 @@ def register_adapter(*classes: type[nn.Module]) -> Callable[[Adapter], Adapter]:
 
 def declared_spec(model: nn.Module) -> MergeSpec | None:
     """The spec the registered adapter of ``model``'s class declares, or None when there is none (or it declines)."""
-    adapter = _ADAPTERS.get(type(model))
+    cls = type(model)
+    adapter = _ADAPTERS.get(cls) or _ADAPTERS.get(f"{cls.__module__}.{cls.__qualname__}")
     return adapter(model) if adapter is not None else None
 
 
@@ -55,7 +57,8 @@ def resolve_spec(model: nn.Module, discover: bool = False) -> MergeSpec:
             message = str(e) if str(e).startswith(f"{architecture}:") else f"{architecture}: {e}"
             raise UnsupportedModelError(message) from e  # the tracer's own subclasses are its business
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    spec = replace(spec, groups=tuple(sorted(spec.groups, key=lambda g: min(order.get(p, 0) for p in g.producers))))
+    writers = lambda g: g.producers or g.channelwise  # noqa: E731  (a tied group is written by its grouped convolutions)
+    spec = replace(spec, groups=tuple(sorted(spec.groups, key=lambda g: min(order.get(p, 0) for p in writers(g)))))
     validate_spec(model, spec)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     for key, layer in (("first_conv", spec.input_layer), ("classifier", spec.output_layer)):
@@ -66,6 +69,6 @@ def resolve_spec(model: nn.Module, discover: bool = False) -> MergeSpec:
     return spec
 
 
-from . import lenet, mlp, resnet, vgg  # noqa: E402,F401  (register the built-in adapters)
+from . import lenet, mlp, resnet, vgg, vit  # noqa: E402,F401  (register the built-in adapters)
 
 __all__ = ["Adapter", "declared_spec", "register_adapter", "resolve_spec"]

@@ -6,9 +6,13 @@ flatten keep them; an element-wise op between two spaces (a residual add, a sque
 product) joins them with union-find; a grouped or depthwise convolution with as many outputs as
 inputs maps a space onto itself, conv group by conv group (the space's gates then cover whole conv
 groups, as they cover whole GroupNorm groups). A permute to NHWC and back is followed (linear layers,
-LayerNorm and activations may act on the channels-last tensor between). Anything that would mix or
-reorder channels (a channel-mixing Conv1d as in ECA, reshapes, concatenation, splits, a parameter
-shared by all channels) raises :class:`UnsupportedModelError` naming the module or op.
+LayerNorm and activations may act on the channels-last tensor between). A concatenation along the channels is a
+sequence of spaces at offsets. A split or slice along the channels (``split``, ``chunk``, ``x[:, a:b]``) cuts the
+spaces it spans into slices, each a space of its own: every role recorded on the whole (its producers, norms, gate
+sites, consumers) belongs to each slice at the slice's offset, and an element-wise op joins two tensors slice by slice.
+The module attributes holding the sizes a forward splits by become :class:`~hf_netmerge.spec.Width` s. Anything that
+would mix or reorder channels (a channel-mixing Conv1d as in ECA, reshapes, a stack of paths, a parameter shared by all
+channels) raises :class:`UnsupportedModelError` naming the module or op.
 
 Every layer that mixes channels must read them *gated*: zero on a channel whose gate is closed, so
 dropping that channel changes nothing. Each tensor's tag records which modules' ungated values reach
@@ -24,12 +28,13 @@ ConvMlp pools small inputs up to 7×7), which symbolic tracing cannot follow.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
-from timm.layers import LayerScale2d
+from timm.layers import LayerScale, LayerScale2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.models import fastvit, swiftformer
 from timm.layers import activations as timm_activations
@@ -40,12 +45,13 @@ from torch.utils._pytree import tree_flatten
 from ..errors import UnsupportedModelError
 from ..formats import Preprocessing, logits
 from ..models.split_norm import layer_norm_layout, response_norm_layout
-from ..spec import CALL, ChannelGroup, Consumer, MergeSpec, common_unit, exact_weight_layer
+from ..spec import CALL, ChannelGroup, Consumer, MergeSpec, Width, common_unit, exact_weight_layer
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, GlobalResponseNorm)  # and transformers' GRN: _is_norm
 # A per-channel ``gamma`` ((C,) viewed as (1, C, 1, 1), or (C, 1, 1)) multiplying the input.
 SCALES = (LayerScale2d, fastvit.LayerScale2d, swiftformer.LayerScale2d)
+LAST_SCALES = (LayerScale,)  # the same on a channels-last tensor: ``x * gamma`` with a (C,) gamma
 # Activations by class; a gate after each. timm's own classes are the functional forms wrapped as modules.
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
                nn.Mish, nn.PReLU, *(getattr(timm_activations, n) for n in (
@@ -78,6 +84,8 @@ _CLAMP = {"clamp", "clamp_", "clamp_min", "clamp_max"}  # zero-keeping when 0 li
 _ADD = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__", "__rsub__"}
 _MUL = {"mul", "mul_", "__mul__", "__imul__", "__rmul__"}
 _DIV = {"div", "div_", "__truediv__", "__itruediv__"}
+_REDUCE = {"mean", "sum", "amax"}  # per channel when reducing spatial dims only
+_SPLITS = {"split", "split_with_sizes", "chunk"}  # along the channels: pieces of the channel spaces
 _SHAPE = {"size", "dim", "__len__", "numel", "shape", "__get__", "stride", "is_contiguous", "__bool__", "__format__", "__repr__"}
 INPUT = -1
 CONCAT = -2  # the space of a concatenation of channel spaces: see ``_Tag.parts``
@@ -86,14 +94,35 @@ UNGATEABLE = ""  # in a tag's ``ungated``: values that no gate can make zero (a 
 
 @dataclass
 class _Space:
+    """What one channel space is made of. Once split (``children``: the spaces of its consecutive slices, in order), every
+    role recorded on it belongs to each slice, at the slice's offset; ``offsets`` say where the space starts among the
+    channels of each producer, norm, gate site and grouped convolution holding it."""
+
+    size: int = 0
+    children: list[int] = field(default_factory=list)
     producers: list[str] = field(default_factory=list)
     norms: list[str] = field(default_factory=list)
     channelwise: list[str] = field(default_factory=list)
     scales: list[str] = field(default_factory=list)
     sites: list[str] = field(default_factory=list)
     last_sites: list[str] = field(default_factory=list)
-    offsets: list[tuple[str, int]] = field(default_factory=list)  # norms and sites reading this space inside a concatenation
-    consumers: list[tuple[str, int]] = field(default_factory=list)
+    offsets: list[tuple[str, int]] = field(default_factory=list)
+    consumers: list[tuple[str, int, int]] = field(default_factory=list)  # (module, expansion, offset)
+    tied: int | None = None  # the space a width-changing grouped convolution wrote this one from, conv group by conv group
+    widened: list[str] = field(default_factory=list)  # the width-changing grouped convolutions reading this space
+
+    def merge(self, other: _Space, shift: int) -> None:
+        """Add ``other``'s roles, its offsets moved by ``shift`` (``other`` is a space this one is a slice of)."""
+        self.producers += other.producers
+        self.norms += other.norms
+        self.channelwise += other.channelwise
+        self.scales += other.scales
+        self.sites += other.sites
+        self.last_sites += other.last_sites
+        self.offsets += [(name, offset + shift) for name, offset in other.offsets]
+        self.widened += other.widened
+        self.tied = self.tied if other.tied is None else other.tied
+        self.consumers += [(name, expansion, offset + shift) for name, expansion, offset in other.consumers]
 
 
 class _Refused(Exception):
@@ -133,7 +162,7 @@ class _Tracer(TorchFunctionMode):
         self.names = {m: n for n, m in model.named_modules()}
         self.forced = forced
         self.parent = [0]
-        self.spaces: list[_Space] = [_Space()]
+        self.spaces: list[_Space] = [_Space(size=1)]
         self.tags: dict[int, _Tag] = {}
         self.alive: list[torch.Tensor] = []
         self.leaf_depth = 0
@@ -141,6 +170,8 @@ class _Tracer(TorchFunctionMode):
         self.input_layers: list[str] = []
         self.stack: list[nn.Module] = []
         self.needs_gate: set[str] = set()
+        self.widths: dict[str, int | tuple[int, ...]] = {}
+        self.op = ""  # the function running now, for refusals
 
     def find(self, s: int) -> int:
         while self.parent[s] != s:
@@ -149,15 +180,97 @@ class _Tracer(TorchFunctionMode):
         return s
 
     def union(self, a: int, b: int) -> int:
+        """Join two spaces of the same size; split ones are split alike first, and joined slice by slice."""
         a, b = self.find(a), self.find(b)
-        if a != b:
-            self.parent[b] = a
+        if a == b:
+            return a
+        if self.size(a) != self.size(b):
+            raise UnsupportedModelError(
+                f"op {self.op!r}{self.where()} combines channel groups of {self.size(a)} and {self.size(b)} channels (a broadcast "
+                "across channels), so the merge cannot follow them"
+            )
+        if self.spaces[a].children or self.spaces[b].children:
+            for at in self.boundaries(a) | self.boundaries(b):
+                self.cut(a, at)
+                self.cut(b, at)
+            for (x, _), (y, _) in zip(self.leaves(a), self.leaves(b)):
+                self.union(x, y)
+        self.parent[b] = a
         return a
 
-    def new_space(self) -> int:
+    def new_space(self, size: int) -> int:
         self.parent.append(len(self.parent))
-        self.spaces.append(_Space())
+        self.spaces.append(_Space(size=size))
         return len(self.parent) - 1
+
+    def size(self, space: int) -> int:
+        return self.spaces[self.find(space)].size
+
+    def cut(self, space: int, at: int) -> None:
+        """Split ``space`` (or the slice of it holding channel ``at``) into two slices at channel ``at``."""
+        record = self.spaces[self.find(space)]
+        if not 0 < at < record.size:
+            return
+        if not record.children:
+            record.children = [self.new_space(at), self.new_space(record.size - at)]
+            return
+        start = 0
+        for child in record.children:
+            if start < at < start + self.size(child):
+                self.cut(child, at - start)
+                return
+            start += self.size(child)
+
+    def leaves(self, space: int) -> list[tuple[int, int]]:
+        """The unsplit slices of ``space``, each with the channel where it starts: ``[(space, 0)]`` when never split."""
+        root = self.find(space)
+        children = self.spaces[root].children
+        if not children:
+            return [(root, 0)]
+        starts = [sum(self.size(c) for c in children[:i]) for i in range(len(children))]
+        return [(leaf, start + offset) for child, start in zip(children, starts) for leaf, offset in self.leaves(child)]
+
+    def boundaries(self, space: int) -> set[int]:
+        """Where the slices of ``space`` start (0 excluded)."""
+        return {offset for _, offset in self.leaves(space) if offset}
+
+    def sliced(self, tag: _Tag, start: int, stop: int) -> _Tag:
+        """The tag of channels ``[start, stop)`` of ``tag``'s tensor: the spaces they span are split where they end."""
+        if tag.space == INPUT:
+            raise UnsupportedModelError(f"op {self.op!r}{self.where()} splits the network input's channels")
+        parts = []
+        for space, size, offset in self.parts(tag):
+            if offset >= stop or offset + size <= start:
+                continue
+            self.cut(space, start - offset)
+            self.cut(space, stop - offset)
+            ends = [offset + leaf_start for _, leaf_start in self.leaves(space)] + [offset + size]
+            parts += [(leaf, end - begin) for (leaf, _), begin, end in zip(self.leaves(space), ends, ends[1:])
+                      if start <= begin and end <= stop]
+        if not parts:
+            raise UnsupportedModelError(f"op {self.op!r}{self.where()} takes no channel of a channel group")
+        if len(parts) == 1:
+            return replace(tag, space=parts[0][0], parts=())
+        return replace(tag, space=CONCAT, parts=tuple(parts))
+
+    def aligned(self, a: _Tag, b: _Tag) -> _Tag:
+        """The tag of an element-wise op of two tensors (one or both concatenations): their spaces joined channel by
+        channel, split alike where either is split."""
+        cuts: set[int] = set()
+        for tag in (a, b):
+            cuts |= {offset + at for space, _, offset in self.parts(tag) for at in {0} | self.boundaries(space)}
+        for at in cuts - {0}:
+            for tag in (a, b):
+                for space, _, offset in self.parts(tag):
+                    self.cut(space, at - offset)
+        left, right = (self._leaf_parts(t) for t in (a, b))
+        parts = tuple((self.union(x, y), size) for (x, size), (y, _) in zip(left, right))
+        return _Tag(parts[0][0], parts=()) if len(parts) == 1 else _Tag(CONCAT, parts=parts)
+
+    def _leaf_parts(self, tag: _Tag) -> list[tuple[int, int]]:
+        """``(space, channels)`` of each unsplit slice of ``tag``'s tensor, in order."""
+        whole = self.sliced(tag, 0, self.size_of(tag))
+        return list(whole.parts) or [(whole.space, self.size(whole.space))]
 
     def tag(self, t: torch.Tensor, tag: _Tag) -> None:
         self.tags[id(t)] = tag
@@ -168,7 +281,7 @@ class _Tracer(TorchFunctionMode):
 
     def parts(self, tag: _Tag) -> list[tuple[int, int, int]]:
         """``(space, channels, offset)`` of each channel space of a tensor: one, or the parts of a concatenation."""
-        parts = tag.parts or ((tag.space, self._size(tag.space)),)
+        parts = tag.parts or ((tag.space, self.size(tag.space)),)
         offsets = [sum(size for _, size in parts[:i]) for i in range(len(parts))]
         return [(space, size, offset) for (space, size), offset in zip(parts, offsets)]
 
@@ -179,8 +292,7 @@ class _Tracer(TorchFunctionMode):
             record.sites.append(site)
             if tag.last:
                 record.last_sites.append(site)
-            if tag.parts:
-                record.offsets.append((site, offset))
+            record.offsets.append((site, offset))
 
     def _written(self, name: str, tag: _Tag) -> frozenset[str]:
         """The ``ungated`` of the values module ``name`` writes into ``tag``'s spaces: none when it is a forced gate site."""
@@ -211,7 +323,9 @@ class _Tracer(TorchFunctionMode):
         if tag.parts and not isinstance(module, (*WEIGHT_LAYERS, nn.modules.batchnorm._BatchNorm, *ACTIVATIONS, *PASS_THROUGH)):
             raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) reads a concatenation of channel groups; "
                                         "only convolutions, linear layers, BatchNorm, activations and pooling can")
-        if tag.last and not (isinstance(module, (nn.Linear, nn.LayerNorm, *ACTIVATIONS, *LAYOUT_FREE)) or _is_norm(module)):
+        if isinstance(module, LAST_SCALES) and not tag.last:
+            raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) scales the last dim of a channels-first tensor")
+        if tag.last and not (isinstance(module, (nn.Linear, nn.LayerNorm, *ACTIVATIONS, *LAYOUT_FREE, *LAST_SCALES)) or _is_norm(module)):
             raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) reads a channels-last tensor; only linear "
                                         "layers, LayerNorm, activations and dropout can")
         if isinstance(module, WEIGHT_LAYERS):
@@ -224,9 +338,11 @@ class _Tracer(TorchFunctionMode):
             else:  # an activation used several times (SENet's, HRNet's) gates each use: its call's site
                 self.add_site(name if self.calls[name] == 1 else f"{name}{CALL}{self.calls[name] - 1}", tag)
                 self.tag(output, replace(tag, ungated=frozenset()))
-        elif isinstance(module, SCALES):
-            self.spaces[self.find(tag.space)].scales.append(f"{name}.gamma")
-            self.tag(output, _Tag(tag.space, tag.ungated))
+        elif isinstance(module, (*SCALES, *LAST_SCALES)):
+            record = self.spaces[self.find(tag.space)]
+            record.scales.append(f"{name}.gamma")
+            record.offsets.append((f"{name}.gamma", 0))
+            self.tag(output, _Tag(tag.space, tag.ungated, last=tag.last))
         elif isinstance(module, PASS_THROUGH):
             self.tag(output, tag)
         else:
@@ -251,8 +367,7 @@ class _Tracer(TorchFunctionMode):
         for space, _, offset in self.parts(tag):
             record = self.spaces[self.find(space)]
             record.norms.append(name)
-            if tag.parts:
-                record.offsets.append((name, offset))
+            record.offsets.append((name, offset))
         fused_act = getattr(module, "act", None)  # timm's BatchNormAct2d applies its activation inside
         if fused_act is not None and not isinstance(fused_act, nn.Identity):
             self.add_site(name, tag)
@@ -281,31 +396,37 @@ class _Tracer(TorchFunctionMode):
                 raise UnsupportedModelError(f"module {name!r} reads {in_size} features from a group of {size} channels")
             for space, _, offset in parts:
                 self.spaces[self.find(space)].consumers.append((name, in_size // size, offset))
-        out = self.new_space()
+        out = self.new_space(module.out_features if isinstance(module, nn.Linear) else module.out_channels)
         self.spaces[out].producers.append(name)
+        self.spaces[out].offsets.append((name, 0))
         written = _Tag(out, last=tag.last)
         self.tag(output, replace(written, ungated=self._written(name, written)))
 
     def _grouped_conv(self, name: str, module: nn.Conv2d, tag: _Tag, output: torch.Tensor) -> None:
-        """A grouped or depthwise convolution maps its input space onto itself, conv group by conv group."""
+        """A grouped or depthwise convolution maps its input space onto itself, conv group by conv group; one that
+        changes the width writes a new space tied to its input's (one gate for both, conv group by conv group)."""
         if module.in_channels != module.out_channels:
-            raise UnsupportedModelError(
-                f"module {name!r} is a grouped convolution (groups={module.groups}) from {module.in_channels} to "
-                f"{module.out_channels} channels; only one with as many outputs as inputs merges"
-            )
-        if tag.space in (INPUT, CONCAT):
-            raise UnsupportedModelError(
-                f"module {name!r} is a grouped convolution (groups={module.groups}) on the network input or a concatenation"
-            )
-        self.spaces[self.find(tag.space)].channelwise.append(name)
+            if tag.space in (INPUT, CONCAT):
+                raise UnsupportedModelError(
+                    f"module {name!r} is a grouped convolution (groups={module.groups}) from {module.in_channels} to "
+                    f"{module.out_channels} channels on the network input or a concatenation"
+                )
+            self.spaces[self.find(tag.space)].widened.append(name)
+            out = self.new_space(module.out_channels)
+            self.spaces[out].channelwise.append(name)
+            self.spaces[out].tied = tag.space
+            written = _Tag(out, tag.ungated, last=tag.last)
+            self.tag(output, written if module.bias is None else replace(written, ungated=self._written(name, written)))
+            return
+        if tag.space == INPUT:
+            raise UnsupportedModelError(f"module {name!r} is a grouped convolution (groups={module.groups}) on the network input")
+        for space, _, offset in self.parts(tag):  # conv groups straddling two spaces are refused by validate_spec
+            record = self.spaces[self.find(space)]
+            record.channelwise.append(name)
+            record.offsets.append((name, offset))
         # Without a bias a closed (zero) channel stays zero; a bias writes a new value.
         ungated = tag.ungated if module.bias is None else self._written(name, tag)
         self.tag(output, replace(tag, ungated=ungated))
-
-    def _size(self, space: int) -> int:
-        root = self.spaces[self.find(space)]
-        module = self.modules_by_name[root.producers[0]]
-        return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
     # -- functions -------------------------------------------------------------------------
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -321,19 +442,18 @@ class _Tracer(TorchFunctionMode):
 
     def _function(self, func: Any, args: tuple, kwargs: dict, output: Any) -> Any:
         """Tag ``output`` of ``func`` from its inputs' tags, or refuse an op that would mix or reorder channels."""
-        name = getattr(func, "__name__", str(func))
+        name = self.op = getattr(func, "__name__", str(func))
         leaves, _ = tree_flatten((args, kwargs))
         tagged = [self.tag_of(t) for t in leaves if isinstance(t, torch.Tensor)]
         if not any(t is not None for t in tagged) or name in _SHAPE:
             return output
         if isinstance(output, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in output):
-            raise UnsupportedModelError(
-                f"op {name!r}{self.where()} splits a channel group into several tensors (as CSP, Res2Net and SK blocks "
-                "do), which the merge cannot follow"
-            )
+            self._split(name, args, kwargs, output)
+            return output
         if not isinstance(output, torch.Tensor):
             return output
-        scalar_operand = any(isinstance(v, numbers.Number) and not isinstance(v, bool) for v in args[1:])
+        # a number operand (adding 0, as FastViT's absent identity branch does, shifts nothing)
+        scalar_operand = any(isinstance(v, numbers.Number) and not isinstance(v, bool) and v != 0 for v in args[1:])
         if None in tagged:
             if all(t.dim() == 0 for t in leaves if isinstance(t, torch.Tensor) and self.tag_of(t) is None):
                 tagged, scalar_operand = [t for t in tagged if t is not None], True
@@ -344,6 +464,12 @@ class _Tracer(TorchFunctionMode):
         first = tagged[0]
         if name == "cat":
             self.tag(output, self._concatenated(args, kwargs, output))
+            return output
+        if name == "__getitem__" and not first.parameter and (channels := self._channel_slice(first, args[0], args[1])) is not None:
+            start, stop, bounds = channels
+            if bounds:  # bounds the code wrote (``x[:, :self.out_chs]``): a wider model needs them wider
+                self.note_widths(bounds)
+            self.tag(output, self.sliced(first, start, stop))
             return output
         if first.parameter and name in ("reshape", "view") and tuple(output.shape) == (1, output.numel(), 1, 1):
             self.tag(output, _Tag(first.space, first.ungated))  # a per-channel parameter viewed as (1, C, 1, 1)
@@ -357,12 +483,12 @@ class _Tracer(TorchFunctionMode):
                 f"op {name!r}{self.where()} uses a parameter of its module other than as a (1, C, 1, 1) per-channel view "
                 "(a class token, a position embedding or a value shared by all channels cannot be split per teacher)"
             )
-        if any(t.parts for t in tagged) and (name == "permute" or len(tagged) > 1):
+        if any(t.parts for t in tagged) and (name == "permute" or (len(tagged) > 1 and name not in _ADD | _MUL | _DIV)):
             raise UnsupportedModelError(f"op {name!r}{self.where()} combines or reorders a concatenation of channel groups")
         if name == "permute":
             self.tag(output, replace(first, last=self._permuted(first, args, kwargs)))
             return output
-        if first.last and name in _SPATIAL:
+        if first.last and name in _SPATIAL and not (name in _REDUCE and self._spatial_dims(args, kwargs, last=True)):
             raise UnsupportedModelError(f"op {name!r}{self.where()} reads a channels-last tensor as if its channels were on dim 1")
         if len(tagged) == 2 and name in _ADD | _MUL | _DIV:
             a, b = tagged
@@ -371,7 +497,8 @@ class _Tracer(TorchFunctionMode):
             if a.last != b.last:
                 raise UnsupportedModelError(f"op {name!r}{self.where()} combines a channels-last tensor with a channels-first one")
             ungated = _ungated_product(a, b) if name in _MUL else a.ungated if name in _DIV else a.ungated | b.ungated
-            self.tag(output, _Tag(self.union(a.space, b.space), ungated, last=a.last))
+            joined = self.aligned(a, b) if a.parts or b.parts else _Tag(self.union(a.space, b.space))
+            self.tag(output, replace(joined, ungated=ungated, last=a.last))
         elif len(tagged) == 1 and name in _ADD:
             self.tag(output, replace(first, ungated=first.ungated | ({UNGATEABLE} if scalar_operand else frozenset())))
         elif len(tagged) == 1 and name in _MUL | _DIV:
@@ -384,12 +511,80 @@ class _Tracer(TorchFunctionMode):
             or (name in ("pow", "__pow__") and isinstance(e := self._arg(args, kwargs, 1, "exponent", None), numbers.Number) and e > 0)
             or (name == "flatten" and self._arg(args, kwargs, 1, "start_dim", 0) == 1)
             or (name in ("reshape", "view") and not first.last and output.shape[:2] == args[0].shape[:2])
-            or (name in ("mean", "sum", "amax") and self._spatial_dims(args, kwargs))
+            or (name in _REDUCE and self._spatial_dims(args, kwargs, last=first.last))
         ):
             self.tag(output, first)
         else:
             raise UnsupportedModelError(f"op {name!r}{self.where()} mixes or reorders channels, so the merge cannot stay exact")
         return output
+
+    def _split(self, name: str, args: tuple, kwargs: dict, outputs: tuple | list) -> None:
+        """Tag the pieces of a split (``split``, ``chunk``) along the channels: each piece holds a slice of the input's
+        spaces, which are split where the pieces end. Along any other dim, or into unequal chunks: refused."""
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        tag = self.tag_of(x)
+        if name not in _SPLITS or tag is None or not all(isinstance(o, torch.Tensor) for o in outputs):
+            raise UnsupportedModelError(f"op {name!r}{self.where()} returns several tensors in a way the merge cannot follow")
+        dim = self._arg(args, kwargs, 2, "dim", 0)
+        channel_dim = x.dim() - 1 if tag.last else 1
+        if not isinstance(dim, int) or dim % x.dim() != channel_dim:
+            raise UnsupportedModelError(
+                f"op {name!r}{self.where()} splits along dim {dim}, not the channels, so the merge cannot follow them"
+            )
+        sizes = self._arg(args, kwargs, 1, "split_size_or_sections", kwargs.get("split_sizes"))
+        if name == "chunk" and x.shape[channel_dim] % len(outputs):
+            raise UnsupportedModelError(f"op 'chunk'{self.where()} cuts {x.shape[channel_dim]} channels into {len(outputs)} "
+                                        "unequal chunks, which a wider model would cut elsewhere")
+        if name != "chunk" and isinstance(sizes, int):
+            self.note_widths({sizes, x.shape[channel_dim]})
+        elif name != "chunk":
+            self.note_widths(set(sizes), tuple(sizes))
+        start = 0
+        for piece in outputs:
+            stop = start + piece.shape[channel_dim]
+            self.tag(piece, self.sliced(tag, start, stop))
+            start = stop
+
+    def note_widths(self, counts: set[int], sections: tuple[int, ...] = ()) -> None:
+        """The innermost running module's attributes holding ``counts`` (or the sequence ``sections``), which the op splits
+        by: they become :class:`~hf_netmerge.spec.Width` s, scaled in a big student. None found: refused (the sizes come
+        from where surgery cannot reach them)."""
+        module = self.stack[-1] if self.stack else None
+        found = [(attr, value) for attr, value in (vars(module) if module is not None else {}).items()
+                 if not attr.startswith("_") and not isinstance(value, bool)
+                 and ((isinstance(value, int) and value in counts)
+                      or (sections and isinstance(value, (list, tuple)) and tuple(value) == sections))]
+        if not found:
+            raise UnsupportedModelError(
+                f"op {self.op!r}{self.where()} splits channels at {sorted(counts)}, which no attribute of the module holds, so a wider "
+                "model cannot split alike"
+            )
+        prefix = self.names.get(module) or ""
+        for attr, value in found:
+            self.widths[f"{prefix}.{attr}".lstrip(".")] = value if isinstance(value, int) else tuple(value)
+
+    def size_of(self, tag: _Tag) -> int:
+        """Channels of ``tag``'s tensor."""
+        return sum(size for _, size, _ in self.parts(tag))
+
+    def _channel_slice(self, tag: _Tag, x: torch.Tensor, index: Any) -> tuple[int, int, set[int]] | None:
+        """``(start, stop, bounds)`` of the channels ``x[index]`` keeps when the index is plain slicing (``x[:, a:b]``,
+        ``x[..., a:b]`` channels last, ``x[:, :, ::2]``): consecutive channels, whatever it takes of the other dims;
+        ``bounds``: the channel bounds written in the index. None for other indexing (an integer, a tensor), which the
+        caller refuses."""
+        index = index if isinstance(index, tuple) else (index,)
+        if not all(isinstance(i, slice) or i is Ellipsis for i in index) or index.count(Ellipsis) > 1:
+            return None
+        if Ellipsis in index:
+            at = index.index(Ellipsis)
+            index = index[:at] + (slice(None),) * (x.dim() - len(index) + 1) + index[at + 1 :]
+        channel_dim = x.dim() - 1 if tag.last else 1
+        channels = (*index, *(slice(None),) * x.dim())[channel_dim]
+        if channels.step not in (None, 1):
+            raise UnsupportedModelError(f"op '__getitem__'{self.where()} takes every {channels.step}th channel, so the "
+                                        "merge cannot follow them")
+        start, stop, _ = channels.indices(x.shape[channel_dim])
+        return start, stop, {b for b in (channels.start, channels.stop) if b}
 
     def _scales_channels_last(self, leaves: list, tagged: list[_Tag]) -> bool:
         """Whether a product multiplies a channels-last tensor by a block's bare per-channel parameter (transformers'
@@ -405,12 +600,14 @@ class _Tracer(TorchFunctionMode):
         tensors = list(self._arg(args, kwargs, 0, "tensors", ()))
         dim = self._arg(args, kwargs, 1, "dim", 0)
         tags = [self.tag_of(t) for t in tensors]
-        if output.dim() < 2 or dim % output.dim() != 1 or any(t is None or t.last or t.space == INPUT for t in tags):
+        last = bool(tags) and all(t is not None and t.last for t in tags)  # channels-last tensors joined on their last dim
+        channel_dim = output.dim() - 1 if last else 1
+        if output.dim() < 2 or dim % output.dim() != channel_dim or any(t is None or t.last != last or t.space == INPUT for t in tags):
             raise UnsupportedModelError(
                 f"op 'cat'{self.where()} concatenates along dim {dim}, the network input or a tensor of unknown origin"
             )
-        parts = tuple(part for t, x in zip(tags, tensors) for part in (t.parts or ((t.space, x.shape[1]),)))
-        return _Tag(CONCAT, frozenset().union(*(t.ungated for t in tags)), parts=parts)
+        parts = tuple(part for t, x in zip(tags, tensors) for part in (t.parts or ((t.space, x.shape[channel_dim]),)))
+        return _Tag(CONCAT, frozenset().union(*(t.ungated for t in tags)), last=last, parts=parts)
 
     def _permuted(self, tag: _Tag, args: tuple, kwargs: dict) -> bool:
         """Whether a 4-d permute leaves the channels last: NCHW → NHWC or back; any other order is refused."""
@@ -432,13 +629,14 @@ class _Tracer(TorchFunctionMode):
     def _arg(args: tuple, kwargs: dict, index: int, key: str, default: Any) -> Any:
         return kwargs.get(key, args[index] if len(args) > index else default)
 
-    def _spatial_dims(self, args: tuple, kwargs: dict) -> bool:
+    def _spatial_dims(self, args: tuple, kwargs: dict, last: bool = False) -> bool:
         dims = self._arg(args, kwargs, 1, "dim", None)
         x = args[0]
         if dims is None or not isinstance(x, torch.Tensor):
             return False
         dims = [dims] if isinstance(dims, int) else list(dims)
-        return all(d % x.dim() >= 2 for d in dims)
+        channels = x.dim() - 1 if last else 1
+        return all(d % x.dim() not in (0, channels) for d in dims)
 
     def where(self) -> str:
         """' in module NAME (Class)' for the innermost module running now."""
@@ -449,7 +647,7 @@ class _Tracer(TorchFunctionMode):
 
     @contextlib.contextmanager
     def hooks(self, model: nn.Module) -> Iterator[None]:
-        leaf_types = WEIGHT_LAYERS + NORMS + ACTIVATIONS + SCALES + PASS_THROUGH
+        leaf_types = WEIGHT_LAYERS + NORMS + ACTIVATIONS + SCALES + LAST_SCALES + PASS_THROUGH
         self.modules_by_name = {n: m for m, n in self.names.items()}
         handles = []
         for module in model.modules():
@@ -461,9 +659,11 @@ class _Tracer(TorchFunctionMode):
                 # anything else, refused at the op that uses it (a class token's concatenation, a position embedding's add).
                 scales = _holds_scales(module)
                 for attr, param in own_params.items():
-                    space = self.new_space()
+                    space = self.new_space(param.shape[0] if param.dim() else 1)
                     if scales:
-                        self.spaces[space].scales.append(f"{self.names[module]}.{attr}".lstrip("."))
+                        path = f"{self.names[module]}.{attr}".lstrip(".")
+                        self.spaces[space].scales.append(path)
+                        self.spaces[space].offsets.append((path, 0))
                     self.tag(param, _Tag(space, frozenset({UNGATEABLE}), parameter=True))
             elif isinstance(module, leaf_types) or _is_norm(module) or _is_unsupported(module):
                 handles.append(module.register_forward_pre_hook(self._enter))
@@ -483,7 +683,7 @@ class _Tracer(TorchFunctionMode):
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if not self.leaf_depth:
             name = self.names.get(module) or f"<root {type(module).__name__}>"
-            if not (isinstance(module, WEIGHT_LAYERS + NORMS + ACTIVATIONS + SCALES + PASS_THROUGH) or _is_norm(module)):
+            if not (isinstance(module, WEIGHT_LAYERS + NORMS + ACTIVATIONS + SCALES + LAST_SCALES + PASS_THROUGH) or _is_norm(module)):
                 raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) cannot be merged exactly")
         self.leaf_depth += 1
 
@@ -491,6 +691,50 @@ class _Tracer(TorchFunctionMode):
         self.leaf_depth -= 1
         if not self.leaf_depth:
             self.module(module, args, output)
+
+
+def _unit(tracer: _Tracer, space: _Space) -> int:
+    """The gate unit of a space: its conv groups', norm groups' and the conv groups its width-changing grouped
+    convolutions read, whole (a tied space's unit follows its owner's in :func:`_tie`)."""
+    modules = [tracer.modules_by_name[n] for n in dict.fromkeys((*space.channelwise, *space.norms))]
+    own = [m for m in modules if not (isinstance(m, nn.Conv2d) and m.in_channels != m.out_channels)]
+    widened = [tracer.modules_by_name[n] for n in dict.fromkeys(space.widened)]
+    return math.lcm(common_unit(own), *(m.in_channels // m.groups for m in widened))
+
+
+def _tied(tracer: _Tracer, merged: dict[int, _Space], by_root: dict[int, ChannelGroup]) -> list[ChannelGroup]:
+    """The groups (by unsplit space), each written by a width-changing grouped convolution tied to the group that
+    convolution reads, its unit as many conv groups' outputs as the owner's unit holds conv groups' inputs (an owner may
+    be tied in turn: FastViT's downsampling convolutions, stage after stage). Refused when the owner was split."""
+    done: dict[int, ChannelGroup] = {}
+
+    def resolve(root: int) -> ChannelGroup:
+        if root not in done:
+            group, space = by_root[root], merged[root]
+            if space.tied is not None:
+                owner = tracer.leaves(space.tied)
+                if len(owner) != 1 or owner[0][0] not in by_root:
+                    raise UnsupportedModelError(f"module {group.channelwise[0]!r} is a grouped convolution changing the width "
+                                                "of a channel group that is split or has no gate")
+                conv = next(m for m in (tracer.modules_by_name[n] for n in group.channelwise) if m.in_channels != m.out_channels)
+                owner_group = resolve(owner[0][0])
+                per_unit = owner_group.unit // (conv.in_channels // conv.groups)  # conv groups per owner unit
+                group = replace(group, tied=owner_group.name,
+                                unit=math.lcm(group.unit, per_unit * (conv.out_channels // conv.groups)))
+            done[root] = group
+        return done[root]
+
+    return [resolve(root) for root in by_root]
+
+
+def _group_name(writer: str, sites: list[str], groups: list[ChannelGroup]) -> str:
+    """A group's name: its first gate site's; its first writer's when it has none (a tied group) or another group has
+    that site (groups meeting at one site after a concatenation), numbered when that is taken too (the slices of a
+    split)."""
+    taken = {g.name for g in groups}
+    first = sites[0] if sites and sites[0] not in {s for g in groups for s in g.gate_sites} else writer
+    first = first.replace(".", "_").replace(CALL, "_")
+    return next(name for n in range(len(taken) + 2) if (name := first if n == 0 else f"{first}_{n}") not in taken)
 
 
 def _call_site(site: str, calls: dict[str, int]) -> str:
@@ -513,13 +757,18 @@ def _is_unsupported(module: nn.Module) -> bool:
     return isinstance(module, (nn.InstanceNorm2d, nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d))
 
 
-def _example_inputs(model: nn.Module) -> list[torch.Tensor]:
-    """Inputs to trace with: at most 64 px (fast) unless the model fixes its size, then the size its format
-    preprocesses to (an Inception needs 75 px, transformers' CLIP its ``image_size``) in case the small one fails."""
+def example_inputs(model: nn.Module) -> list[torch.Tensor]:
+    """Inputs to run the model on, to try in order: at most 64 px (fast) unless the model fixes its size, then the size
+    its format preprocesses to (an Inception needs 75 px, transformers' CLIP its ``image_size``) in case the small one
+    fails. A model with a patch embedding takes the size it was built for (a ViT made with ``img_size=28``)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     channels, *size = Preprocessing.for_model(model).input_size
     param = next(model.parameters())
-    sizes = [size] if cfg.get("fixed_input_size", False) else [[min(s, 64) for s in size], size]
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(built, tuple) and len(built) == 2:  # a patch embedding checks the size it was built for
+        sizes = [list(built)]
+    else:
+        sizes = [size] if cfg.get("fixed_input_size", False) else [[min(s, 64) for s in size], size]
     return [torch.randn(2, channels, *s, device=param.device, dtype=param.dtype) for s in dict.fromkeys(map(tuple, sizes))]
 
 
@@ -559,7 +808,7 @@ def _trace(model: nn.Module, architecture: str, examples: list[torch.Tensor], fo
 
 def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | None = None) -> MergeSpec:
     """Find the channel groups of ``model`` from a forward pass (two when some values need gates); see the module docstring."""
-    examples = _example_inputs(model) if example is None else [example]
+    examples = example_inputs(model) if example is None else [example]
     forced: frozenset[str] = frozenset()
     tracer, output = _trace(model, architecture, examples, forced)
     if tracer.needs_gate:  # a second pass with gates where the first found ungated reads; it needs no more
@@ -570,52 +819,47 @@ def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | N
     out_tag = tracer.tag_of(logits(output))
     if out_tag is None or out_tag.space == INPUT:
         raise UnsupportedModelError(f"{architecture}: the output does not come from a weight layer")
-    output_space = tracer.find(out_tag.space)
-    merged: dict[int, _Space] = {}
+    if out_tag.space == CONCAT:
+        raise UnsupportedModelError(f"{architecture}: the output is a concatenation, not one weight layer's")
+    merged: dict[int, _Space] = {}  # per unsplit space: its roles and those of every space it is a slice of
     for index in range(len(tracer.spaces)):
-        root = tracer.find(index)
-        into = merged.setdefault(root, _Space())
-        part = tracer.spaces[index]
-        into.producers += part.producers
-        into.norms += part.norms
-        into.channelwise += part.channelwise
-        into.scales += part.scales
-        into.sites += part.sites
-        into.last_sites += part.last_sites
-        into.offsets += part.offsets
-        into.consumers += part.consumers
+        for leaf, shift in tracer.leaves(index):
+            merged.setdefault(leaf, _Space(size=tracer.size(leaf))).merge(tracer.spaces[index], shift)
     # Usually one classifier; a distilled model's heads (RepViT, LeViT) are averaged into the output: each is a head
     # of the big student, averaging the teachers, and the first is the spec's output layer.
-    heads = merged[output_space].producers
-    groups = []
+    output_leaves = [leaf for leaf, _ in tracer.leaves(out_tag.space)]
+    heads = merged[output_leaves[0]].producers
+    groups: list[ChannelGroup] = []
+    names: dict[int, str] = {}  # unsplit space → its group's name
     for root, space in merged.items():
-        if root == output_space or not space.producers:
+        if root in output_leaves or not (space.producers or space.tied is not None):
             continue
-        if not space.sites:
-            raise UnsupportedModelError(
-                f"{architecture}: channels written by {space.producers[0]!r} pass no activation where a gate can sit"
-            )
+        writer = (space.producers or space.channelwise)[0]
+        if not space.sites and space.tied is None:  # a tied space without bias is zero where its owner's gate closes
+            raise UnsupportedModelError(f"{architecture}: channels written by {writer!r} pass no activation where a gate can sit")
         sites = list(dict.fromkeys(_call_site(n, tracer.calls) for n in space.sites))
-        # Named after its first gate site; groups meeting at one site after a concatenation, after their first producer.
-        name = sites[0] if sites[0] not in {s for g in groups for s in g.gate_sites} else space.producers[0]
+        offsets = list(dict.fromkeys((_call_site(n, tracer.calls), offset) for n, offset in space.offsets))
+        held = {n: [o for m, o in offsets if m == n] for n, _ in offsets}
         groups.append(
             ChannelGroup(
-                name=name.replace(".", "_").replace(CALL, "_"),
-                size=tracer._size(root),
-                producers=tuple(space.producers),
+                name=(names.setdefault(root, _group_name(writer, sites, groups))),
+                size=space.size,
+                producers=tuple(dict.fromkeys(space.producers)),
                 norms=tuple(dict.fromkeys(space.norms)),
-                consumers=tuple(Consumer(c, e, offset) for c, e, offset in space.consumers),
+                consumers=tuple(Consumer(c, e, offset) for c, e, offset in dict.fromkeys(space.consumers)),
                 gate_sites=tuple(sites),
                 source="discovered",
-                channelwise=tuple(space.channelwise),
-                scales=tuple(space.scales),
+                channelwise=tuple(dict.fromkeys(space.channelwise)),
+                scales=tuple(dict.fromkeys(space.scales)),
                 channels_last_sites=tuple(dict.fromkeys(_call_site(n, tracer.calls) for n in space.last_sites)),
-                unit=common_unit([tracer.modules_by_name[n] for n in (*space.channelwise, *space.norms)]),
-                offsets=tuple(dict.fromkeys((_call_site(n, tracer.calls), offset) for n, offset in space.offsets)),
+                unit=_unit(tracer, space),
+                offsets=tuple((n, o) for n, o in offsets if held[n] != [0]),  # where a module holds more than this group
             )
         )
+    groups = _tied(tracer, merged, dict(zip(names, groups)))
     if not tracer.input_layers:
         raise UnsupportedModelError(f"{architecture}: no weight layer reads the input")
     first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     input_layer = first_conv if first_conv in tracer.input_layers else tracer.input_layers[0]
-    return MergeSpec(architecture, input_layer, heads[0], tuple(groups))
+    widths = tuple(Width(path, value) for path, value in tracer.widths.items())
+    return MergeSpec(architecture, input_layer, heads[0], tuple(groups), widths)

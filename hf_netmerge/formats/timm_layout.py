@@ -119,7 +119,19 @@ class TimmFormat(CheckpointFormat):
             raise ConfigError(f"model_args do not fit {architecture}: {e}") from e
 
     def model_args(self, model: nn.Module) -> dict[str, Any]:
-        return {"num_classes": self.num_classes(model), **input_args(model)}
+        # timm's factory records the keyword arguments a model was made with (``_model_args``, from timm 1.0.31 on: a
+        # ViT's ``embed_dim``, ``depth``, ...); drop rates are training settings, not the architecture
+        made = {k: v for k, v in (getattr(model, "_model_args", None) or {}).items()
+                if not k.endswith("drop_rate") and not k.startswith("drop_") and _serializable(v)}
+        return {**made, "num_classes": self.num_classes(model), **input_args(model)}
+
+
+def _serializable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def input_args(model: nn.Module) -> dict[str, Any]:

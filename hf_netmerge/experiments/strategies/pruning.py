@@ -101,7 +101,7 @@ class Pruning(Strategy):
             stage_name = f"prune{step}"
             reports.append(ctx.train(wide, prune_stage, seed=seed + 2 + step, name=ctx.label(f"{self.name} {stage_name}"),
                                      checkpoint=checkpoint(stage_name)))
-            for group in wide.spec.groups:
+            for group in (g for g in wide.spec.groups if not g.tied):  # a tied group shares its owner's gate
                 gate = wide.gates[group.name]
                 gate.importance.copy_(ctx.accelerator.reduce(gate.importance, "sum"))  # every process prunes the same channels
                 target_closed = round(group.size // group.unit * (step + 1) / cfg.prune_epochs)
