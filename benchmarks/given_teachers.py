@@ -91,11 +91,12 @@ def summarize(runs: list[dict], epochs: list[int]) -> dict:
     for n in epochs:
         records = [r[str(n)] for r in runs]
         by_name = [{row["strategy"]: row for row in rec["rows"]} for rec in records]
+        names = [name for name in ROWS if all(name in rows for rows in by_name)]  # weight matching: where it can match
         summary[str(n)] = {
-            "test": {name: stats([rows[name]["test"] for rows in by_name]) for name in ROWS},
-            "validation": {name: stats([rows[name]["validation"] for rows in by_name])["mean"] for name in ROWS},
+            "test": {name: stats([rows[name]["test"] for rows in by_name]) for name in names},
+            "validation": {name: stats([rows[name]["validation"] for rows in by_name])["mean"] for name in names},
             "macs_over_continue": {name: stats([rows[name]["training_macs"] / rows["continue"]["training_macs"]
-                                                for rows in by_name])["mean"] for name in ROWS},
+                                                for rows in by_name])["mean"] for name in names},
             "stages": {variant: {stage: stats([rec["details"][f"{variant}_validation"][stage] for rec in records])["mean"]
                                  for stage in STAGES if stage in records[0]["details"][f"{variant}_validation"]}
                        for variant in ("student", "student_paper")},
@@ -117,10 +118,12 @@ def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig, epochs: list
     lines = [f"# Given converged teachers: {recipe.architecture} on {recipe.data.dataset}, N more epochs ({n_seeds} seeds, "
              f"{machine()['cpu']}, 1 thread per seed)", "", *commands, "",
              f"Data: {train} training images, {recipe.data.val_fraction:.0%} of them held out for every choice; test: the "
-             f"{recipe.data.dataset} test split. Teachers: {recipe.teacher.epochs} epochs each, lr {recipe.teacher.lr} ÷10 at "
-             f"{recipe.teacher.milestones}, batch {recipe.batch_size}, no augmentation (CPU-sized). Then N extra epochs per "
-             f"strategy: continue, distill and weight matching at lr {recipe.merge.finetune_lr or recipe.merge.lr} with a cosine "
-             "schedule (distill trains one network per (T, α) of [[2, 0.5], [4, 0.9]] and keeps the better on validation); the "
+             f"{recipe.data.dataset} test split. Teachers: {recipe.teacher.epochs} epochs each, lr {recipe.teacher.lr} "
+             + (f"÷10 at {recipe.teacher.milestones}" if recipe.teacher.lr_schedule == "step" else "with a cosine schedule")
+             + f", batch {recipe.batch_size}, no augmentation (CPU-sized). Then N extra epochs per strategy: "
+             f"{', '.join(b.replace('_', ' ') for b in recipe.baselines if b != 'ensemble')} at lr "
+             f"{recipe.merge.finetune_lr or recipe.merge.lr} with a cosine schedule (distill trains one network per (T, α) of "
+             f"{recipe.distill.grid} and keeps the better on validation); the "
              "recommended merge spends ⌊N/4⌋ epochs (at least one) on gates and the rest on fine-tuning, the paper's ⌊N/2⌋. "
              "Training multiply-adds are relative to continue's "
              "at the same N (the gate stage trains the double-width network; distillation adds the ensemble's forward passes).", ""]
@@ -128,7 +131,7 @@ def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig, epochs: list
         s = summary[str(n)]
         lines += [f"## N = {n} epochs", "", "| strategy | test accuracy (mean ± std) | min | max | validation (mean) | training MACs / continue's |",
                   "|---|---|---|---|---|---|"]
-        for name in ROWS:
+        for name in s["test"]:
             t = s["test"][name]
             lines.append(f"| {name} | {t['mean']:.4f} ± {t['std']:.4f} | {t['min']:.4f} | {t['max']:.4f} | {s['validation'][name]:.4f} "
                          f"| {s['macs_over_continue'][name]:.2f} |")
@@ -142,6 +145,7 @@ def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig, epochs: list
         lines += ["", f"Chosen on validation per seed: {', '.join(s['winners'])}.", ""]
     full = summary[str(epochs[-1])]["test"]
     half = [summary[str(n)]["test"] for n in epochs if 2 * n >= recipe.teacher.epochs]
+    averaging = [b for b in ("continue", "weight_matching") if b in full]  # the one-network baselines that ran
     better_teacher = stats([max(r[str(epochs[-1])]["details"]["teacher_a"], r[str(epochs[-1])]["details"]["teacher_b"]) for r in runs])["mean"]
     lines += target_table([
         ("recommended student ≥ better teacher + 0.1 pt at N = the teachers' epochs",
@@ -150,11 +154,11 @@ def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig, epochs: list
          full["student"]["mean"] >= full["distill"]["mean"] - 0.003),
         ("recommended student never below the better teacher at N ≥ ½ the teachers' epochs",
          ", ".join(f"{t['student']['mean']:.4f}" for t in half), all(t["student"]["mean"] >= better_teacher for t in half)),
-        ("the better merge above continue and weight matching at every N",
+        (f"the better merge above {' and '.join(b.replace('_', ' ') for b in averaging)} at every N",
          ", ".join(f"N={n}: {max(summary[str(n)]['test'][v]['mean'] for v in ('student', 'student_paper')):.4f} vs "
-                   f"{max(summary[str(n)]['test'][b]['mean'] for b in ('continue', 'weight_matching')):.4f}" for n in epochs),
+                   f"{max(summary[str(n)]['test'][b]['mean'] for b in averaging):.4f}" for n in epochs),
          all(max(summary[str(n)]["test"][v]["mean"] for v in ("student", "student_paper"))
-             > max(summary[str(n)]["test"][b]["mean"] for b in ("continue", "weight_matching")) for n in epochs)),
+             > max(summary[str(n)]["test"][b]["mean"] for b in averaging) for n in epochs)),
     ])
     return "\n".join(lines)
 
@@ -166,7 +170,7 @@ def plot(summary: dict, epochs: list[int], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in ROWS:
+    for name in summary[str(epochs[0])]["test"]:
         means = [summary[str(n)]["test"][name]["mean"] for n in epochs]
         stds = [summary[str(n)]["test"][name]["std"] for n in epochs]
         style = {"linewidth": 2.5} if name.startswith("student") else {"linestyle": "--" if name in ("ensemble", "keep") else "-"}
