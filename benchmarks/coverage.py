@@ -38,7 +38,8 @@ TARGET_EXACT, TARGET_CRASHES = 35, 0
 OUTCOMES = ("exact", "norm-gap", "inexact", "crash", "timeout", "refused", "skipped")
 MERGES = ("exact", "norm-gap")  # an exact big student and a strictly loading student
 # Models the issue names besides the families' smallest variants (the CNNs people share most).
-NAMED = ["seresnet18", "ecaresnet26t", "resnet50_gn", "efficientnet_b0", "mobilenetv3_small_100", "regnetx_002", "convnext_atto"]
+NAMED = ["seresnet18", "ecaresnet26t", "resnet50_gn", "efficientnet_b0", "mobilenetv3_small_100", "regnetx_002", "convnext_atto",
+         "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"]
 
 
 def smallest_variants() -> dict[str, tuple[str, int]]:
