@@ -182,6 +182,19 @@ def test_a_recipe_architecture_names_a_transformers_model_type():
         create_model("transformers:no_such_type", {})
 
 
+def test_a_vit_laid_out_otherwise_is_left_to_tracing_which_refuses_it():
+    """The ViT adapter knows transformers 5.24's layout; a ViT without it (here: no q projection) is traced, and refused
+    with a typed error rather than an AttributeError."""
+    from hf_netmerge.adapters.vit import transformers_vit_spec
+
+    vit = create_model("transformers:vit", TINY[IDS.index("vit")][1])
+    assert transformers_vit_spec(vit) is not None
+    del vit.vit.layers[0].attention.q_proj
+    assert transformers_vit_spec(vit) is None
+    with pytest.raises(hm.UnsupportedModelError, match="^transformers:vit: "):
+        hm.concatenate(vit, vit)
+
+
 def test_refusals_name_the_model_type_and_the_module(tmp_path):
     swin = create_model("transformers:swin", {"embed_dim": 8, "depths": [1], "num_heads": [2], "image_size": 32, "patch_size": 4,
                                               "window_size": 4, "num_labels": 3})

@@ -35,9 +35,9 @@ from . import register_adapter
 
 
 def _identity(model: nn.Module, name: str, what: str) -> None:
-    """Refuse a variant whose module ``name`` is not an Identity (or absent): ``what`` it would do that cannot merge."""
-    module = model.get_submodule(name) if name else model
-    if module is not None and not isinstance(module, nn.Identity):
+    """Refuse a variant whose module ``name`` is not an Identity: ``what`` it would do that cannot merge."""
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.Identity):
         raise UnsupportedModelError(
             f"{architecture_name(model)}: module {name!r} ({type(module).__name__}) {what}, which the merge cannot split per "
             "teacher"
@@ -80,6 +80,14 @@ class _Stream:
             scales=tuple(self.scales),
             channels_last_sites=tuple(self.norms),
         )
+
+
+def _holds(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _mlp(model: nn.Module, prefix: str, fc1: str, act: str, fc2: str, stream: _Stream, group: str) -> ChannelGroup:
@@ -164,9 +172,15 @@ def vision_transformer_spec(model: VisionTransformer) -> MergeSpec:
 
 
 @register_adapter("transformers.models.vit.modeling_vit.ViTForImageClassification")
-def transformers_vit_spec(model: nn.Module) -> MergeSpec:
-    """transformers' ``ViTForImageClassification``: see the module docstring (heads gated on v)."""
+def transformers_vit_spec(model: nn.Module) -> MergeSpec | None:
+    """transformers' ``ViTForImageClassification``: see the module docstring (heads gated on v). None (left to tracing,
+    which refuses it by op) for a layout other than the one of transformers 5.24: ``vit.layers``, q/k/v/o projections."""
     arch = architecture_name(model)
+    parts = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.activation_fn",
+             "mlp.fc2", "layernorm_before", "layernorm_after")
+    layers = getattr(model.vit, "layers", None)
+    if layers is None or not all(_holds(layer, part) for layer in layers for part in parts):
+        return None
     embeddings = model.vit.embeddings
     if model.vit.pooler is not None or type(embeddings.patch_embeddings.projection) is not nn.Conv2d:
         raise UnsupportedModelError(f"{arch}: module 'vit.pooler' or 'vit.embeddings.patch_embeddings.projection' is not "
