@@ -115,7 +115,7 @@ def markdown(summary: dict, runs: list[dict], recipe: RecipeConfig, epochs: list
         commands = [f"Command: `{extra['first_command']}`, then `{command()}`: the rows {', '.join(extra['rerun']['strategies'])} "
                     f"rerun on the same teachers with the merge settings {extra['rerun']['merge_changes']}; every other row is "
                     "the first run's."]
-    lines = [f"# Given converged teachers: {recipe.architecture} on {recipe.data.dataset}, N more epochs ({n_seeds} seeds, "
+    lines = [f"# Given teachers: {recipe.architecture} on {recipe.data.dataset}, N more epochs ({n_seeds} seeds, "
              f"{machine()['cpu']}, 1 thread per seed)", "", *commands, "",
              f"Data: {train} training images, {recipe.data.val_fraction:.0%} of them held out for every choice; test: the "
              f"{recipe.data.dataset} test split. Teachers: {recipe.teacher.epochs} epochs each, lr {recipe.teacher.lr} "
