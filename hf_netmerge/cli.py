@@ -236,7 +236,7 @@ def format_spec(spec: MergeSpec) -> str:
 
 def _at(group: ChannelGroup, names: tuple[str, ...]) -> list[str]:
     """``names`` with `` @offset`` where the group starts among a module's channels after a split or a concatenation."""
-    return [n + (f" @{','.join(map(str, group.offsets_of(n)))}" if group.offsets_of(n) != (0,) else "") for n in dict.fromkeys(names)]
+    return [n + (f" @{','.join(map(str, offsets))}" if (offsets := group.offsets_of(n)) != (0,) else "") for n in dict.fromkeys(names)]
 
 
 def _positive(text: str) -> int:

@@ -434,6 +434,7 @@ class GatedModel(nn.Module):
         self.teachers = teachers
         make_gate = make_gate or (lambda size: HardConcreteGate(size, init_mean, init_std))
         gates = {g.name: make_gate(teachers * g.size // g.unit) for g in spec.groups if not g.tied}  # a tied group: its owner's
+        self._gate_names = {g.name: gate_owner(spec, g) for g in spec.groups}
         for name, gate in gates.items():
             if not isinstance(gate, nn.Module) or not isinstance(gate, Gate):
                 raise UnsupportedModelError(f"the gate for group {name!r} ({type(gate).__name__}) is not an nn.Module implementing Gate")
@@ -480,7 +481,7 @@ class GatedModel(nn.Module):
 
     def gate_of(self, group: ChannelGroup) -> Gate:
         """The gate of ``group``: its own, or that of the untied group its ties lead to (unit by unit, the same decisions)."""
-        return self.gates[gate_owner(self.spec, group)]
+        return self.gates[self._gate_names[group.name]]
 
     def gate_parameters(self) -> list[nn.Parameter]:
         """The gates' parameters (hard-concrete ``log_alpha``; they get their own optimizer)."""

@@ -111,6 +111,12 @@ class _Space:
     tied: int | None = None  # the space a width-changing grouped convolution wrote this one from, conv group by conv group
     widened: list[str] = field(default_factory=list)  # the width-changing grouped convolutions reading this space
 
+    def hold(self, role: list[str], name: str, offset: int = 0) -> None:
+        """Module (or parameter path) ``name`` takes ``role`` (one of this space's lists) for this space's channels, which
+        start at channel ``offset`` of its own."""
+        role.append(name)
+        self.offsets.append((name, offset))
+
     def merge(self, other: _Space, shift: int) -> None:
         """Add ``other``'s roles, its offsets moved by ``shift`` (``other`` is a space this one is a slice of)."""
         self.producers += other.producers
@@ -238,31 +244,31 @@ class _Tracer(TorchFunctionMode):
         """The tag of channels ``[start, stop)`` of ``tag``'s tensor: the spaces they span are split where they end."""
         if tag.space == INPUT:
             raise UnsupportedModelError(f"op {self.op!r}{self.where()} splits the network input's channels")
+        self.cut_at(tag, start)
+        self.cut_at(tag, stop)
         parts = []
         for space, size, offset in self.parts(tag):
-            if offset >= stop or offset + size <= start:
-                continue
-            self.cut(space, start - offset)
-            self.cut(space, stop - offset)
-            ends = [offset + leaf_start for _, leaf_start in self.leaves(space)] + [offset + size]
-            parts += [(leaf, end - begin) for (leaf, _), begin, end in zip(self.leaves(space), ends, ends[1:])
-                      if start <= begin and end <= stop]
+            leaves = self.leaves(space)
+            ends = [offset + leaf_start for _, leaf_start in leaves] + [offset + size]
+            parts += [(leaf, end - begin) for (leaf, _), begin, end in zip(leaves, ends, ends[1:]) if start <= begin and end <= stop]
         if not parts:
             raise UnsupportedModelError(f"op {self.op!r}{self.where()} takes no channel of a channel group")
         if len(parts) == 1:
             return replace(tag, space=parts[0][0], parts=())
         return replace(tag, space=CONCAT, parts=tuple(parts))
 
+    def cut_at(self, tag: _Tag, at: int) -> None:
+        """Split the space holding channel ``at`` of ``tag``'s tensor there (nothing where a space starts or ends)."""
+        for space, _, offset in self.parts(tag):
+            self.cut(space, at - offset)
+
     def aligned(self, a: _Tag, b: _Tag) -> _Tag:
         """The tag of an element-wise op of two tensors (one or both concatenations): their spaces joined channel by
         channel, split alike where either is split."""
-        cuts: set[int] = set()
-        for tag in (a, b):
-            cuts |= {offset + at for space, _, offset in self.parts(tag) for at in {0} | self.boundaries(space)}
-        for at in cuts - {0}:
-            for tag in (a, b):
-                for space, _, offset in self.parts(tag):
-                    self.cut(space, at - offset)
+        cuts = {offset + at for tag in (a, b) for space, _, offset in self.parts(tag) for at in {0, *self.boundaries(space)}}
+        for at in cuts:
+            self.cut_at(a, at)
+            self.cut_at(b, at)
         left, right = (self._leaf_parts(t) for t in (a, b))
         parts = tuple((self.union(x, y), size) for (x, size), (y, _) in zip(left, right))
         return _Tag(parts[0][0], parts=()) if len(parts) == 1 else _Tag(CONCAT, parts=parts)
@@ -289,10 +295,9 @@ class _Tracer(TorchFunctionMode):
         """Make ``site`` a gate site of every channel space of ``tag``'s tensor (at its offset, after a concatenation)."""
         for space, _, offset in self.parts(tag):
             record = self.spaces[self.find(space)]
-            record.sites.append(site)
+            record.hold(record.sites, site, offset)
             if tag.last:
                 record.last_sites.append(site)
-            record.offsets.append((site, offset))
 
     def _written(self, name: str, tag: _Tag) -> frozenset[str]:
         """The ``ungated`` of the values module ``name`` writes into ``tag``'s spaces: none when it is a forced gate site."""
@@ -340,8 +345,7 @@ class _Tracer(TorchFunctionMode):
                 self.tag(output, replace(tag, ungated=frozenset()))
         elif isinstance(module, (*SCALES, *LAST_SCALES)):
             record = self.spaces[self.find(tag.space)]
-            record.scales.append(f"{name}.gamma")
-            record.offsets.append((f"{name}.gamma", 0))
+            record.hold(record.scales, f"{name}.gamma")
             self.tag(output, _Tag(tag.space, tag.ungated, last=tag.last))
         elif isinstance(module, PASS_THROUGH):
             self.tag(output, tag)
@@ -366,8 +370,7 @@ class _Tracer(TorchFunctionMode):
                 )
         for space, _, offset in self.parts(tag):
             record = self.spaces[self.find(space)]
-            record.norms.append(name)
-            record.offsets.append((name, offset))
+            record.hold(record.norms, name, offset)
         fused_act = getattr(module, "act", None)  # timm's BatchNormAct2d applies its activation inside
         if fused_act is not None and not isinstance(fused_act, nn.Identity):
             self.add_site(name, tag)
@@ -397,8 +400,7 @@ class _Tracer(TorchFunctionMode):
             for space, _, offset in parts:
                 self.spaces[self.find(space)].consumers.append((name, in_size // size, offset))
         out = self.new_space(module.out_features if isinstance(module, nn.Linear) else module.out_channels)
-        self.spaces[out].producers.append(name)
-        self.spaces[out].offsets.append((name, 0))
+        self.spaces[out].hold(self.spaces[out].producers, name)
         written = _Tag(out, last=tag.last)
         self.tag(output, replace(written, ungated=self._written(name, written)))
 
@@ -413,7 +415,7 @@ class _Tracer(TorchFunctionMode):
                 )
             self.spaces[self.find(tag.space)].widened.append(name)
             out = self.new_space(module.out_channels)
-            self.spaces[out].channelwise.append(name)
+            self.spaces[out].hold(self.spaces[out].channelwise, name)
             self.spaces[out].tied = tag.space
             written = _Tag(out, tag.ungated, last=tag.last)
             self.tag(output, written if module.bias is None else replace(written, ungated=self._written(name, written)))
@@ -422,8 +424,7 @@ class _Tracer(TorchFunctionMode):
             raise UnsupportedModelError(f"module {name!r} is a grouped convolution (groups={module.groups}) on the network input")
         for space, _, offset in self.parts(tag):  # conv groups straddling two spaces are refused by validate_spec
             record = self.spaces[self.find(space)]
-            record.channelwise.append(name)
-            record.offsets.append((name, offset))
+            record.hold(record.channelwise, name, offset)
         # Without a bias a closed (zero) channel stays zero; a bias writes a new value.
         ungated = tag.ungated if module.bias is None else self._written(name, tag)
         self.tag(output, replace(tag, ungated=ungated))
@@ -526,7 +527,7 @@ class _Tracer(TorchFunctionMode):
         if name not in _SPLITS or tag is None or not all(isinstance(o, torch.Tensor) for o in outputs):
             raise UnsupportedModelError(f"op {name!r}{self.where()} returns several tensors in a way the merge cannot follow")
         dim = self._arg(args, kwargs, 2, "dim", 0)
-        channel_dim = x.dim() - 1 if tag.last else 1
+        channel_dim = _channel_dim(x, tag.last)
         if not isinstance(dim, int) or dim % x.dim() != channel_dim:
             raise UnsupportedModelError(
                 f"op {name!r}{self.where()} splits along dim {dim}, not the channels, so the merge cannot follow them"
@@ -535,7 +536,7 @@ class _Tracer(TorchFunctionMode):
         if name == "chunk" and x.shape[channel_dim] % len(outputs):
             raise UnsupportedModelError(f"op 'chunk'{self.where()} cuts {x.shape[channel_dim]} channels into {len(outputs)} "
                                         "unequal chunks, which a wider model would cut elsewhere")
-        if name != "chunk" and isinstance(sizes, int):
+        if name != "chunk" and isinstance(sizes, int):  # split sizes come from the code: a wider model needs them wider
             self.note_widths({sizes, x.shape[channel_dim]})
         elif name != "chunk":
             self.note_widths(set(sizes), tuple(sizes))
@@ -578,7 +579,7 @@ class _Tracer(TorchFunctionMode):
         if Ellipsis in index:
             at = index.index(Ellipsis)
             index = index[:at] + (slice(None),) * (x.dim() - len(index) + 1) + index[at + 1 :]
-        channel_dim = x.dim() - 1 if tag.last else 1
+        channel_dim = _channel_dim(x, tag.last)
         channels = (*index, *(slice(None),) * x.dim())[channel_dim]
         if channels.step not in (None, 1):
             raise UnsupportedModelError(f"op '__getitem__'{self.where()} takes every {channels.step}th channel, so the "
@@ -601,7 +602,7 @@ class _Tracer(TorchFunctionMode):
         dim = self._arg(args, kwargs, 1, "dim", 0)
         tags = [self.tag_of(t) for t in tensors]
         last = bool(tags) and all(t is not None and t.last for t in tags)  # channels-last tensors joined on their last dim
-        channel_dim = output.dim() - 1 if last else 1
+        channel_dim = _channel_dim(output, last)
         if output.dim() < 2 or dim % output.dim() != channel_dim or any(t is None or t.last != last or t.space == INPUT for t in tags):
             raise UnsupportedModelError(
                 f"op 'cat'{self.where()} concatenates along dim {dim}, the network input or a tensor of unknown origin"
@@ -635,8 +636,7 @@ class _Tracer(TorchFunctionMode):
         if dims is None or not isinstance(x, torch.Tensor):
             return False
         dims = [dims] if isinstance(dims, int) else list(dims)
-        channels = x.dim() - 1 if last else 1
-        return all(d % x.dim() not in (0, channels) for d in dims)
+        return all(d % x.dim() not in (0, _channel_dim(x, last)) for d in dims)
 
     def where(self) -> str:
         """' in module NAME (Class)' for the innermost module running now."""
@@ -661,9 +661,7 @@ class _Tracer(TorchFunctionMode):
                 for attr, param in own_params.items():
                     space = self.new_space(param.shape[0] if param.dim() else 1)
                     if scales:
-                        path = f"{self.names[module]}.{attr}".lstrip(".")
-                        self.spaces[space].scales.append(path)
-                        self.spaces[space].offsets.append((path, 0))
+                        self.spaces[space].hold(self.spaces[space].scales, f"{self.names[module]}.{attr}".lstrip("."))
                     self.tag(param, _Tag(space, frozenset({UNGATEABLE}), parameter=True))
             elif isinstance(module, leaf_types) or _is_norm(module) or _is_unsupported(module):
                 handles.append(module.register_forward_pre_hook(self._enter))
@@ -693,9 +691,14 @@ class _Tracer(TorchFunctionMode):
             self.module(module, args, output)
 
 
+def _channel_dim(x: torch.Tensor, last: bool) -> int:
+    """The dim holding ``x``'s channels: the last for a channels-last tensor, else 1."""
+    return x.dim() - 1 if last else 1
+
+
 def _unit(tracer: _Tracer, space: _Space) -> int:
     """The gate unit of a space: its conv groups', norm groups' and the conv groups its width-changing grouped
-    convolutions read, whole (a tied space's unit follows its owner's in :func:`_tie`)."""
+    convolutions read, whole (a tied space's unit follows its owner's in :func:`_tied`)."""
     modules = [tracer.modules_by_name[n] for n in dict.fromkeys((*space.channelwise, *space.norms))]
     own = [m for m in modules if not (isinstance(m, nn.Conv2d) and m.in_channels != m.out_channels)]
     widened = [tracer.modules_by_name[n] for n in dict.fromkeys(space.widened)]
@@ -829,8 +832,7 @@ def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | N
     # of the big student, averaging the teachers, and the first is the spec's output layer.
     output_leaves = [leaf for leaf, _ in tracer.leaves(out_tag.space)]
     heads = merged[output_leaves[0]].producers
-    groups: list[ChannelGroup] = []
-    names: dict[int, str] = {}  # unsplit space → its group's name
+    by_root: dict[int, ChannelGroup] = {}  # unsplit space → its group
     for root, space in merged.items():
         if root in output_leaves or not (space.producers or space.tied is not None):
             continue
@@ -840,23 +842,21 @@ def discover_spec(model: nn.Module, architecture: str, example: torch.Tensor | N
         sites = list(dict.fromkeys(_call_site(n, tracer.calls) for n in space.sites))
         offsets = list(dict.fromkeys((_call_site(n, tracer.calls), offset) for n, offset in space.offsets))
         held = {n: [o for m, o in offsets if m == n] for n, _ in offsets}
-        groups.append(
-            ChannelGroup(
-                name=(names.setdefault(root, _group_name(writer, sites, groups))),
-                size=space.size,
-                producers=tuple(dict.fromkeys(space.producers)),
-                norms=tuple(dict.fromkeys(space.norms)),
-                consumers=tuple(Consumer(c, e, offset) for c, e, offset in dict.fromkeys(space.consumers)),
-                gate_sites=tuple(sites),
-                source="discovered",
-                channelwise=tuple(dict.fromkeys(space.channelwise)),
-                scales=tuple(dict.fromkeys(space.scales)),
-                channels_last_sites=tuple(dict.fromkeys(_call_site(n, tracer.calls) for n in space.last_sites)),
-                unit=_unit(tracer, space),
-                offsets=tuple((n, o) for n, o in offsets if held[n] != [0]),  # where a module holds more than this group
-            )
+        by_root[root] = ChannelGroup(
+            name=_group_name(writer, sites, list(by_root.values())),
+            size=space.size,
+            producers=tuple(dict.fromkeys(space.producers)),
+            norms=tuple(dict.fromkeys(space.norms)),
+            consumers=tuple(Consumer(c, e, offset) for c, e, offset in dict.fromkeys(space.consumers)),
+            gate_sites=tuple(sites),
+            source="discovered",
+            channelwise=tuple(dict.fromkeys(space.channelwise)),
+            scales=tuple(dict.fromkeys(space.scales)),
+            channels_last_sites=tuple(dict.fromkeys(_call_site(n, tracer.calls) for n in space.last_sites)),
+            unit=_unit(tracer, space),
+            offsets=tuple((n, o) for n, o in offsets if held[n] != [0]),  # where a module holds more than this group
         )
-    groups = _tied(tracer, merged, dict(zip(names, groups)))
+    groups = _tied(tracer, merged, by_root)
     if not tracer.input_layers:
         raise UnsupportedModelError(f"{architecture}: no weight layer reads the input")
     first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
